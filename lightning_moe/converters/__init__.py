@@ -1,0 +1,1 @@
+"""Converters from third-party datasets into the project chat format (JSON Lines)."""
