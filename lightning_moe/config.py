@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -97,6 +98,28 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # floor of the cosine schedule as a fraction of lr
 
+
+@dataclass
+class TrainConfig:
+    """The primary config's schema (first in conf/train.yaml's defaults): every owned key exists in every
+    composition, so `model.load_in_4bit=true` needs no `+`, and a wrong type fails at composition."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    domains: List[str] = field(default_factory=list)
+    seed: int = 42
+    run_name: str = "run"
+    run_dir: str = "???"
+    resume: bool = True
+    trainer: Any = None  # Lightning objects: `_target_` dicts for hydra.utils.instantiate
+    callbacks: Any = None
+    logger: Any = None
+
+
+ConfigStore.instance().store(name="lightning_moe_schema", node=TrainConfig)
 
 SCHEMAS = {"model": ModelConfig, "data": DataConfig, "lora": LoRAConfig, "moe": MoEConfig, "optim": OptimConfig}
 
