@@ -1,0 +1,98 @@
+"""LightningDataModule: files -> normalised conversations -> tokens + masks -> deterministic split -> loaders."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import datasets
+import lightning.pytorch as pl
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from lightning_moe.config import DataConfig
+from lightning_moe.data.chat import ChatRenderer
+from lightning_moe.data.collate import ChatCollator
+from lightning_moe.data.formats import read_many
+
+COLUMNS = ["input_ids", "labels", "domain_id"]
+
+
+class ChatDataModule(pl.LightningDataModule):
+    """Loads and tokenises once per process (`setup`), then serves stateful loaders.
+
+    StatefulDataLoader records its position inside an epoch, and Lightning stores that in checkpoints, so a
+    resumed run continues with the next batch rather than restarting the epoch.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, domains: list[str]):
+        super().__init__()
+        self.cfg, self.tokenizer, self.domains = cfg, tokenizer, domains
+        self.collator = ChatCollator(tokenizer.pad_token_id, packing=cfg.packing)
+        self.train_set = self.val_set = None
+        self.stats: dict = {}
+
+    def _tokenise(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        render = ChatRenderer(self.tokenizer, self.cfg.max_length, self.cfg.overlong)
+        if self.cfg.system_prompt:
+            ds = ds.map(lambda ex: {"messages": _with_system(ex["messages"], self.cfg.system_prompt)})
+        ds = ds.map(
+            lambda ex: render(ex["messages"]),
+            num_proc=self.cfg.map_num_proc,
+            desc=f"tokenising {split}",
+        )
+        kept = ds.filter(lambda ex: not ex["dropped"])
+        self.stats[split] = {
+            "conversations": len(ds),
+            "kept": len(kept),
+            "overlong": sum(ds["overlong"]),
+            "overlong_action": self.cfg.overlong,
+            "dropped": dict(Counter(r for r in ds["dropped"] if r)),
+            "tokens": sum(len(x) for x in kept["input_ids"]),
+            "target_tokens": sum(kept["n_target"]),
+            "by_domain": _domain_counts(kept["domain_id"], self.domains),
+        }
+        return kept.select_columns(COLUMNS)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train = read_many(self.cfg.train_files, self.domains)
+        if self.cfg.val_files:
+            val = read_many(self.cfg.val_files, self.domains)
+        else:  # deterministic: the same seed and files give the same split on every machine and rank
+            parts = train.train_test_split(test_size=self.cfg.val_fraction, seed=self.cfg.split_seed, shuffle=True)
+            train, val = parts["train"], parts["test"]
+        self.train_set = self._tokenise(train, "train")
+        self.val_set = self._tokenise(val, "val")
+        if len(self.train_set) == 0:
+            raise ValueError(f"no trainable conversations left in {self.cfg.train_files}: {self.stats['train']}")
+
+    def _loader(self, ds, shuffle: bool) -> StatefulDataLoader:
+        return StatefulDataLoader(
+            ds,
+            batch_size=self.cfg.batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collator,
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.cfg.pin_memory,
+            persistent_workers=self.cfg.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+def _with_system(messages: list[dict], prompt: str) -> list[dict]:
+    if messages and messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": prompt}, *messages]
+
+
+def _domain_counts(ids: list[int], domains: list[str]) -> dict:
+    c = Counter(ids)
+    out = {name: c.get(i, 0) for i, name in enumerate(domains)}
+    if c.get(-1):
+        out["unlabelled"] = c[-1]
+    return out

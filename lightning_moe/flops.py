@@ -1,0 +1,61 @@
+"""Model FLOPs of a LoRA(+MoE) training step, the formula in MOE_TRAINING_GUIDE.md ("Throughput and MFU").
+
+Per token of a sequence of length S, with a frozen base:
+  F = 2N (forward) + 2N (input gradients; frozen weights get no weight gradient) + 6P + 6*L*H*d*S
+N: parameters of the frozen matmuls, lm_head included, input embedding excluded.
+P: trainable parameters a token touches (LoRA A/B, routers, the k active experts).
+L*H*d: layers x query heads x head_dim; the causal attention matmuls cost 2*L*H*d*S forward and twice
+that backward. Activation checkpointing recomputes the forward (hardware FLOPs), not counted here (MFU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_moe.moe.layer import MoEBlock
+
+
+@dataclass(frozen=True)
+class FlopCounts:
+    frozen_matmul_params: int  # N
+    trainable_params_per_token: int  # P
+    attn_lhd: int  # L * H * d
+
+    def per_batch(self, num_tokens: int, attn_sq: int) -> int:
+        """FLOPs of one micro-batch of conversations with sum(len) = num_tokens and sum(len^2) = attn_sq."""
+        n, p = self.frozen_matmul_params, self.trainable_params_per_token
+        return num_tokens * (4 * n + 6 * p) + 6 * self.attn_lhd * attn_sq
+
+    def per_token(self, seq_len: int) -> int:
+        return self.per_batch(seq_len, seq_len * seq_len) // seq_len
+
+
+def _linear_weight_numel(module: nn.Module) -> int | None:
+    """Logical weight size of a plain or bitsandbytes linear layer (4-bit weights are stored packed).
+    peft's LoRA wrappers (which share those class names) are skipped: their base_layer is counted."""
+    if hasattr(module, "base_layer"):
+        return None
+    if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+        return module.in_features * module.out_features
+    return None
+
+
+def count_flops(model: nn.Module, config) -> FlopCounts:
+    """Counts N, P and L*H*d from a built model (after LoRA and MoE insertion) and its HF config."""
+    frozen = 0
+    for module in model.modules():
+        numel = _linear_weight_numel(module)
+        if numel is not None and not module.weight.requires_grad:
+            frozen += numel
+    moe_params, active = 0, 0
+    for block in (m for m in model.modules() if isinstance(m, MoEBlock)):
+        expert_params = sum(p.numel() for p in block.experts.parameters())
+        moe_params += expert_params + block.router.weight.numel()
+        active += block.experts.active_params_per_token(block.router.top_k) + block.router.weight.numel()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_token = trainable - moe_params + active
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return FlopCounts(frozen, per_token, config.num_hidden_layers * heads * head_dim)

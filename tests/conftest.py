@@ -1,0 +1,89 @@
+"""Shared helpers: real Hydra composition, tiny real HF models, and `train.py` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+COUNSEL_CHAT_CSV = SHARED / "datasets" / "counsel_chat" / "20200325_counsel_chat.csv"
+TINY_ARCHS = ["tiny-mistral", "tiny-llama", "tiny-qwen2", "tiny-gemma", "tiny-phi3"]
+
+
+def compose(overrides: list[str] | None = None, run_dir: str | Path = "/tmp/lightning-moe-test"):
+    """The real config tree composed as `python train.py <overrides>` would, with run_dir set."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=[*(overrides or []), f"run_dir={run_dir}"])
+
+
+def tiny_hf_config(arch: str = "tiny-mistral", **overrides):
+    from lightning_moe.config import ModelConfig
+    from lightning_moe.modeling import resolve_model_config
+
+    cfg = resolve_model_config(ModelConfig(init="random", arch=arch))
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_model(arch: str = "tiny-mistral", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    overrides.setdefault("use_cache", False)  # as in training; a KV cache also turns off packed-sequence masks
+    return AutoModelForCausalLM.from_config(tiny_hf_config(arch, **overrides), attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from lightning_moe.modeling import load_tokenizer
+    from lightning_moe.config import ModelConfig
+
+    return load_tokenizer(ModelConfig(init="random", arch="tiny-mistral", tokenizer="data/tokenizer"))
+
+
+def train_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), *args]
+
+
+def clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HF_HUB_OFFLINE"))}
+    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def run_train(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict | None = None):
+    """Run train.py as a user would; returns the CompletedProcess (stdout and stderr merged)."""
+    return subprocess.run(
+        train_cmd(*args),
+        cwd=cwd,
+        env=env or clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+# Short runs for tests that check wiring rather than learning: a few steps, one validation at the end.
+FAST = [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=4",
+    "trainer.limit_val_batches=2",
+    "data.max_length=128",
+    "data.batch_size=4",
+]

@@ -1,0 +1,129 @@
+"""Finding and building the model: weights that cannot be reached, random init of real shapes, LoRA, QLoRA."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import REPO, clean_env, run_train, tiny_model
+
+from lightning_moe.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig
+from lightning_moe.flops import count_flops
+from lightning_moe.modeling import WeightsUnavailable, build_model, resolve_model_config
+from lightning_moe.moe import MoEBlock, RoutingContext
+
+WAYFARER = "LatitudeGames/Wayfarer-2-12B"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"HF_HUB_OFFLINE": "1"},
+        {"HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing listens there: a machine without network, deterministically
+    ],
+    ids=["hf-offline", "no-network"],
+)
+def test_recipe_without_weights_stops_in_seconds_naming_model_and_fix(tmp_path, env):
+    t0 = time.monotonic()
+    out = run_train("+recipe=therapeutic_h100", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, timeout=60,
+                    env=clean_env(HF_HOME=str(tmp_path / "hf"), **env))
+    elapsed = time.monotonic() - t0
+    assert out.returncode != 0
+    assert WAYFARER in out.stdout and "model.name_or_path=" in out.stdout and "model.init=random" in out.stdout
+    assert elapsed < 30, elapsed
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_local_directory_without_weights_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(WeightsUnavailable, match="no \\*.safetensors"):
+        resolve_model_config(ModelConfig(name_or_path=str(tmp_path)))
+
+
+def test_random_init_builds_the_real_12b_architecture_without_download():
+    from transformers import AutoModelForCausalLM
+
+    cfg = resolve_model_config(ModelConfig(init="random", arch="mistral-nemo-12b", name_or_path=WAYFARER))
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == ("mistral", 40, 5120, 131072)
+    with torch.device("meta"):  # the shape, without 24 GB of memory
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    assert 12.0e9 < n < 12.5e9, n
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (4096, 5120)
+
+
+def _build(arch="tiny-mistral", lora=None, moe=None, **model_kw):
+    cfg = resolve_model_config(ModelConfig(init="random", arch=arch))
+    m = ModelConfig(init="random", arch=arch, **model_kw)
+    return build_model(m, lora or LoRAConfig(r=4, alpha=8), moe or MoEConfig(expert_dim=8, num_layers=2), cfg,
+                       RoutingContext(), vocab_size=2048)
+
+
+def test_only_lora_and_moe_weights_train():
+    model, blocks = _build()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_" in n) or (".router." in n) or (".experts." in n) for n in trainable)
+    assert len(blocks) == 2 and [b.layer_idx for b in blocks] == [1, 3]
+    assert any("q_proj.lora_A" in n for n in trainable) and any("down_proj.lora_B" in n for n in trainable)
+    # the routers are not LoRA-adapted even with all-linear
+    model, _ = _build(lora=LoRAConfig(r=4, alpha=8, target_modules=["all-linear"]))
+    assert not any("router" in n and "lora_" in n for n, _ in model.named_parameters())
+
+
+def test_lora_target_missing_from_model_is_named_with_alternatives():
+    with pytest.raises(ConfigError, match=r"lora\.target_modules: \[.*'gate_proj'.*not found in Phi3ForCausalLM.*qkv_proj"):
+        _build("tiny-phi3")  # Phi-3 fuses q/k/v and gate/up
+    _build("tiny-phi3", lora=LoRAConfig(r=4, alpha=8, target_modules=["all-linear"]))
+
+
+def test_qlora_nf4_trains_on_cpu(tmp_path):
+    """bitsandbytes >= 0.46 quantises and runs nf4 on CPU: the whole QLoRA path, not only its config."""
+    import bitsandbytes as bnb
+
+    tiny_model("tiny-mistral").save_pretrained(tmp_path)
+    cfg = resolve_model_config(ModelConfig(name_or_path=str(tmp_path)))
+    m = ModelConfig(name_or_path=str(tmp_path), load_in_4bit=True, bnb_4bit_compute_dtype="float32",
+                    gradient_checkpointing=True)
+    ctx = RoutingContext()
+    model, blocks = build_model(m, LoRAConfig(r=4, alpha=8), MoEConfig(expert_dim=8, num_layers=2), cfg, ctx, 2048)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_type == "nf4"
+    model.train()
+    ids = torch.randint(0, 2000, (2, 16))
+    ctx.start()
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    assert len(ctx.stop()) == 2
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    flops = count_flops(model, cfg)
+    assert flops.frozen_matmul_params == count_flops(_build()[0], cfg).frozen_matmul_params  # 4-bit counted unpacked
+
+
+def test_flop_count_matches_a_hand_count():
+    model, blocks = _build(lora=LoRAConfig(r=4, alpha=8), moe=MoEConfig(expert_dim=8, num_layers=2, top_k=2))
+    c = resolve_model_config(ModelConfig(init="random", arch="tiny-mistral"))
+    h, i, L, nh, nkv, d, V = 128, 352, 4, 4, 2, 32, 2048
+    per_layer = h * nh * d + 2 * h * nkv * d + nh * d * h + 3 * h * i
+    n = L * per_layer + V * h  # lm_head counted, input embedding not
+    lora = L * 4 * ((h + nh * d) + 2 * (h + nkv * d) + (nh * d + h) + 2 * (h + i) + (i + h))  # r * (in + out) each
+    experts_active = 2 * (3 * h * 8)  # top-2 of 4 SwiGLU adapters with bottleneck 8
+    router = 4 * h
+    p = lora + 2 * (experts_active + router)
+    flops = count_flops(model, c)
+    assert (flops.frozen_matmul_params, flops.trainable_params_per_token, flops.attn_lhd) == (n, p, L * nh * d)
+    s = 100
+    assert flops.per_batch(s, s * s) == s * (4 * n + 6 * p) + 6 * L * nh * d * s * s
+
+
+def test_missing_architecture_is_named():
+    with pytest.raises(ConfigError, match="model.arch: no architecture 'tiny-nothing'"):
+        resolve_model_config(ModelConfig(init="random", arch="tiny-nothing"))
+    assert (REPO / "lightning_moe" / "architectures" / "mistral-nemo-12b.json").is_file()
+
+
+def test_moe_blocks_sit_in_the_peft_model():
+    model, blocks = _build()
+    assert all(isinstance(b, MoEBlock) for b in blocks)
+    names = [n for n, m in model.named_modules() if isinstance(m, MoEBlock)]
+    assert names == ["base_model.model.model.layers.1.mlp", "base_model.model.model.layers.3.mlp"]
