@@ -1,0 +1,171 @@
+"""The LightningModule: a HF causal LM with LoRA adapters and MoE blocks, trained on assistant tokens.
+
+loss = lm_loss + aux_loss_coef * load_balancing + z_loss_coef * z_loss + domain_loss_coef * domain_loss
+Checkpoints hold only what trains (LoRA, routers, experts): a 12B base would otherwise add 24 GB to each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import lightning.pytorch as pl
+import torch
+from transformers import PretrainedConfig
+
+from lightning_moe.config import Sections
+from lightning_moe.flops import FlopCounts, count_flops
+from lightning_moe.modeling import build_model
+from lightning_moe.moe import RouterRecord, RoutingContext
+from lightning_moe.moe.losses import domain_routing_loss, load_balancing_loss, router_z_loss
+
+
+@dataclass
+class RoutedBatch:
+    """What the routers did on the last batch (detached), for ExpertUsageMonitor."""
+
+    layers: list[int]
+    logits: list[torch.Tensor]
+    indices: list[torch.Tensor]
+    mask: torch.Tensor  # (T,) real tokens
+    token_domain: torch.Tensor  # (T,)
+
+
+class MoELoRAModule(pl.LightningModule):
+    def __init__(self, sections: Sections, model_config: PretrainedConfig, vocab_size: int):
+        super().__init__()
+        self.sections, self.model_config, self.vocab_size = sections, model_config, vocab_size
+        self.save_hyperparameters(
+            {name: asdict(getattr(sections, name)) for name in ("model", "lora", "moe", "optim", "data")}
+            | {"domains": sections.domains, "architecture": model_config.to_dict()}
+        )
+        self.strict_loading = False  # checkpoints carry trainable weights only; the frozen base comes from the hub
+        self.routing = RoutingContext()
+        self.model: torch.nn.Module | None = None
+        self.moe_blocks: list = []
+        self.flops: FlopCounts | None = None
+        self.flops_per_batch = 0  # read by Lightning's ThroughputMonitor after every batch
+        self.last_routing: RoutedBatch | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        s = self.sections
+        self.model, self.moe_blocks = build_model(
+            s.model, s.lora, s.moe, self.model_config, self.routing, self.vocab_size, device
+        )
+        self.flops = count_flops(self.model, self.model_config)
+
+    def describe(self) -> dict:
+        """What was built, for summary.json."""
+        if self.model is None:
+            return {}
+        params = list(self.model.parameters())
+        return {
+            "name_or_path": self.sections.model.name_or_path,
+            "init": self.sections.model.init,
+            "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "total_params": sum(p.numel() for p in params),
+            "moe_layers": [b.layer_idx for b in self.moe_blocks],
+            "linear_4bit_modules": sum(type(m).__name__ == "Linear4bit" and not hasattr(m, "base_layer")
+                                       for m in self.model.modules()),
+        }
+
+    # ---- forward and losses -------------------------------------------------------------------------
+    def _forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.routing.start()
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            labels=batch["labels"],
+            use_cache=False,  # a KV cache would also switch off transformers' packed-sequence (block-diagonal) masks
+        )
+        records = self.routing.stop()
+        losses = {"lm_loss": out.loss}
+        total = out.loss
+        if records:
+            total = total + self._router_losses(records, batch, losses)
+        return total, losses
+
+    def _router_losses(self, records: list[RouterRecord], batch: dict, losses: dict) -> torch.Tensor:
+        moe = self.sections.moe
+        attn = batch.get("attention_mask")
+        mask = (attn if attn is not None else torch.ones_like(batch["input_ids"])).reshape(-1).bool()
+        domain = batch["token_domain"].reshape(-1)
+        logits, indices = [r.logits for r in records], [r.indices for r in records]
+        losses["aux_loss"] = load_balancing_loss(logits, indices, moe.num_experts, mask)
+        losses["z_loss"] = router_z_loss(logits, mask)
+        losses["domain_loss"] = domain_routing_loss(logits, torch.where(mask, domain, -1))
+        self.last_routing = RoutedBatch(
+            [r.layer for r in records], [lg.detach() for lg in logits], indices, mask, domain
+        )
+        # a coefficient of 0 leaves the term out of the graph, not just multiplied by zero
+        terms = [(moe.aux_loss_coef, "aux_loss"), (moe.z_loss_coef, "z_loss"), (moe.domain_loss_coef, "domain_loss")]
+        return sum((c * losses[k] for c, k in terms if c > 0), torch.zeros((), device=mask.device))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, parts = self._forward(batch)
+        self.flops_per_batch = self.flops.per_batch(batch["num_tokens"], batch["attn_sq"])
+        n = batch["num_examples"]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, parts = self._forward(batch)
+        # weight each batch's mean by its target tokens, so val/loss is the per-token mean over the set
+        targets = int((batch["labels"] != -100).sum())
+        self.log("val/loss", parts["lm_loss"], prog_bar=True, batch_size=targets, sync_dist=True)
+        self.log("val/total_loss", loss, batch_size=targets, sync_dist=True)
+        for k in ("aux_loss", "z_loss", "domain_loss"):
+            if k in parts:
+                self.log(f"val/{k}", parts[k], batch_size=batch["num_examples"], sync_dist=True)
+
+    # ---- optimisation -------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from transformers import (
+            get_constant_schedule_with_warmup,
+            get_cosine_with_min_lr_schedule_with_warmup,
+            get_linear_schedule_with_warmup,
+        )
+
+        o = self.sections.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [  # no decay on biases and other vectors
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        fused = o.fused if o.fused is not None else self.device.type == "cuda"
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+        total = int(self.trainer.estimated_stepping_batches)
+        if o.scheduler == "cosine":
+            sched = get_cosine_with_min_lr_schedule_with_warmup(opt, o.warmup_steps, total, min_lr_rate=o.min_lr_ratio)
+        elif o.scheduler == "linear":
+            sched = get_linear_schedule_with_warmup(opt, o.warmup_steps, total)
+        else:
+            sched = get_constant_schedule_with_warmup(opt, o.warmup_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- checkpoints: trainable weights only --------------------------------------------------------
+    def trainable_state_keys(self) -> set[str]:
+        """Parameters that train, plus router buffers (state such as balancing biases)."""
+        keys = {n for n, p in self.named_parameters() if p.requires_grad}
+        return keys | {n for n, _ in self.named_buffers() if ".router." in n}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["base_model"] = {
+            "name_or_path": self.sections.model.name_or_path,
+            "init": self.sections.model.init,
+            "architecture": self.model_config.to_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} trainable tensors of this model (first: {missing[0]}); "
+                "was it written with other lora/moe settings?"
+            )

@@ -1,0 +1,125 @@
+"""Hydra composition of the real config tree, the recipe's values, and validation before any weights load."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, clean_env, compose, train_cmd
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lightning_moe.config import ConfigError, resolve_moe_layers, validate_config
+
+RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml"))
+
+
+def test_recipe_group_is_not_in_primary_defaults():
+    defaults = yaml.safe_load((REPO / "conf" / "train.yaml").read_text())["defaults"]
+    assert not any(isinstance(d, dict) and "recipe" in d for d in defaults)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_with_plus_and_validates(recipe):
+    cfg = compose([f"+recipe={recipe}"])
+    validate_config(cfg)
+    first_line = (REPO / "conf" / "recipe" / f"{recipe}.yaml").read_text().splitlines()[0]
+    assert first_line == "# @package _global_"
+    assert "python train.py +recipe=" + recipe in (REPO / "conf" / "recipe" / f"{recipe}.yaml").read_text()
+
+
+def test_therapeutic_h100_has_every_value_of_the_design():
+    cfg = compose(["+recipe=therapeutic_h100"])
+    s = validate_config(cfg)
+    assert s.model.name_or_path == "LatitudeGames/Wayfarer-2-12B" and s.model.dtype == "bfloat16"
+    assert (s.lora.r, s.lora.alpha) == (16, 32)
+    assert s.domains == ["psychology", "mental_health", "bias_detection", "general_therapeutic"]
+    assert (s.moe.num_experts, s.moe.top_k, s.moe.router) == (4, 2, "topk")
+    assert resolve_moe_layers(s.moe, 40) == [5, 15, 25, 35]  # 4 layers spread over the 40-layer depth
+    assert cfg.trainer.precision == "bf16-mixed" and s.optim.fused is True and s.model.gradient_checkpointing
+    assert (s.data.batch_size, cfg.trainer.accumulate_grad_batches) == (4, 8)
+    assert (s.data.num_workers, s.data.pin_memory) == (4, True)
+    assert (s.optim.lr, s.optim.scheduler, s.optim.warmup_steps, s.optim.weight_decay) == (3e-4, "cosine", 1000, 0.01)
+    assert cfg.trainer.gradient_clip_val == 1.0
+    assert s.data.max_length == 2048
+    assert cfg.trainer.max_time == "00:12:00:00"
+    ckpt = instantiate(cfg.callbacks.model_checkpoint)
+    assert ckpt._train_time_interval == timedelta(minutes=30) and ckpt.save_last
+    assert cfg.callbacks.early_stopping.patience == 3 and cfg.callbacks.early_stopping.monitor == "val/loss"
+    assert "wandb" in cfg.logger and cfg.logger.wandb._target_ == "lightning_moe.loggers.wandb_logger"
+    assert s.data.val_fraction == 0.1 and not s.data.val_files
+
+
+def test_cfg_job_prints_the_recipe(tmp_path):
+    out = subprocess.run(
+        train_cmd("+recipe=therapeutic_h100", "--cfg", "job"), cwd=tmp_path, env=clean_env(),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["model"]["name_or_path"] == "LatitudeGames/Wayfarer-2-12B"
+    assert cfg["moe"]["layers"] == [5, 15, 25, 35] and cfg["trainer"]["max_time"] == "00:12:00:00"
+    assert cfg["callbacks"]["model_checkpoint"]["train_time_interval"] == {"_target_": "datetime.timedelta", "minutes": 30}
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("moe.top_k=5", "moe.top_k"),
+        ("moe.num_experts=3", "domains"),  # domain supervision maps 4 domains to 4 experts
+        ("trainer.max_time=12h", "trainer.max_time"),
+        ("moe.router=sinkhorn", "moe.router"),
+        ("moe.expert=giant", "moe.expert"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+        ("+moe.topk=2", "moe.topk"),  # a typo is named, not ignored
+        ("moe.top_k=two", "moe.top_k"),
+        ("model.init=scratch", "model.init"),
+    ],
+)
+def test_bad_values_are_named(override, key):
+    """Type errors and unknown keys fail at composition (typed schema), cross-field rules in validate_config;
+    either way the message names the key."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises((ConfigError, ConfigCompositionException)) as err:
+        validate_config(compose([override]))
+    text = str(err.value) + str(err.value.__cause__ or "")
+    assert key in text, text
+
+
+def test_domain_check_is_off_when_domain_supervision_is():
+    validate_config(compose(["moe.num_experts=3", "moe.top_k=2", "moe.domain_loss_coef=0"]))
+
+
+def test_moe_layer_out_of_range_is_named():
+    s = validate_config(compose(["moe.layers=[1,7]"]))
+    with pytest.raises(ConfigError, match=r"moe\.layers: index 7 is out of range for a model with 4"):
+        resolve_moe_layers(s.moe, 4)
+    assert resolve_moe_layers(validate_config(compose(["moe.layers=[-1,0]"])).moe, 4) == [0, 3]
+
+
+def test_bad_override_fails_fast_from_the_command_line(tmp_path):
+    t0 = time.monotonic()
+    out = subprocess.run(
+        train_cmd("moe.top_k=9", f"hydra.run.dir={tmp_path}/run"), cwd=tmp_path, env=clean_env(),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 2
+    assert "moe.top_k: 9 must be between 1 and moe.num_experts=4" in out.stderr
+    assert time.monotonic() - t0 < 10
+    assert not (Path(tmp_path) / "run" / "checkpoints").exists()
+
+
+def test_trainer_callbacks_and_loggers_instantiate(tmp_path):
+    cfg = compose(["logger=tensorboard"], run_dir=tmp_path)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    names = {type(c).__name__ for c in callbacks}
+    assert {"ModelCheckpoint", "EarlyStopping", "LearningRateMonitor", "ThroughputMonitor", "ExpertUsageMonitor"} <= names
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    assert {type(lg).__name__ for lg in loggers} == {"CSVLogger", "TensorBoardLogger"}
+    OmegaConf.to_yaml(cfg)  # every interpolation resolves

@@ -1,0 +1,163 @@
+"""`train.py` end to end, as a user runs it: real subprocesses, real Hydra, real Lightning."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import COUNSEL_CHAT_CSV, FAST, REPO, clean_env, read_summary, run_train, tiny_model, train_cmd
+
+SUMMARY_KEYS = {"stop_reason", "global_step", "train_loss", "val_loss", "last_checkpoint", "elapsed_s", "tokens_per_s", "expert_load"}
+
+
+def _load_ckpt(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_default_run_trains_validates_checkpoints_and_logs(tmp_path):
+    """`python train.py` with no arguments but the run dir: the embedded tiny default, < 2 min on 2 cores."""
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    out = run_train(f"hydra.run.dir={run_dir}", timeout=300)
+    elapsed = time.monotonic() - t0
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert elapsed <= 120, f"default run took {elapsed:.0f}s"
+
+    s = read_summary(run_dir)
+    assert SUMMARY_KEYS <= set(s)
+    assert s["stop_reason"] == "max_steps" and s["global_step"] == 120
+    assert s["train_loss"] < s["first_train_loss"] - 0.3, (s["first_train_loss"], s["train_loss"])
+    assert s["tokens_per_s"] > 0 and s["val_loss"] is not None
+    # per MoE layer, a load fraction per expert
+    assert sorted(s["expert_load"]) == ["layer0", "layer1", "layer2", "layer3"]
+    for fractions in s["expert_load"].values():
+        assert len(fractions) == 4 and abs(sum(fractions) - 1) < 1e-4
+    matrix = s["domain_expert_matrix"]
+    assert matrix["domains"] == ["psychology", "mental_health", "bias_detection", "general_therapeutic"]
+    assert len(matrix["all_layers"]) == 4 and all(abs(sum(r) - 1) < 1e-4 for r in matrix["all_layers"])
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "routing" / "latest.json").is_file()
+
+    # checkpoints: last + periodic + best, holding only what trains
+    ckpt = _load_ckpt(s["last_checkpoint"])
+    assert ckpt["global_step"] == 120
+    keys = list(ckpt["state_dict"])
+    assert keys and all(("lora_" in k) or (".router." in k) or (".experts." in k) for k in keys)
+    assert ckpt["base_model"]["architecture"]["num_hidden_layers"] == 4
+    assert sum(v.numel() for v in ckpt["state_dict"].values()) == s["model"]["trainable_params"]
+    assert s["model"]["trainable_params"] < s["model"]["total_params"] / 3  # the frozen base stays out
+    assert any((run_dir / "checkpoints").glob("best-*.ckpt"))
+
+    # logs: the loss, the LR, throughput on real tokens, per-layer expert load and routing entropy
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        columns = set(next(csv.reader(f)))
+    assert {"train/loss", "val/loss", "train/device/items_per_sec", "moe/layer0/load_e0", "moe/layer0/entropy"} <= columns
+    assert any(c.startswith("lr-AdamW") for c in columns)
+    assert "val_routing/psychology/e0" in columns
+
+
+def test_sigterm_saves_exits_143_and_the_same_command_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"hydra.run.dir={run_dir}", "trainer.max_steps=30", "callbacks.model_checkpoint.every_n_train_steps=4",
+            "data.max_length=128", "data.batch_size=4", "trainer.val_check_interval=30"]
+    proc = subprocess.Popen(train_cmd(*args), cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "step000004.ckpt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143, output[-3000:]
+    first = read_summary(run_dir)
+    assert first["stop_reason"] == "sigterm" and 4 <= first["global_step"] < 30
+    assert _load_ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == first["global_step"]
+
+    out = run_train(*args)  # the very same command
+    assert out.returncode == 0, out.stdout[-3000:]
+    second = read_summary(run_dir)
+    assert second["resumed"] and second["stop_reason"] == "max_steps" and second["global_step"] == 30
+    assert "Restored all states from the checkpoint" in out.stdout
+    assert second["first_train_loss"] == first["first_train_loss"]  # carried over, not the restart's loss
+
+
+def test_sweep_runs_every_combination_and_tables_them(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_train("-m", "moe.top_k=1,2", "optim.lr=1e-4,3e-4", f"hydra.sweep.dir={sweep}", *FAST, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    overrides = set()
+    for job in jobs:
+        s = read_summary(job)
+        assert s["stop_reason"] == "max_steps" and s["global_step"] == 4
+        cfg = json.loads(json.dumps(__import__("yaml").safe_load((job / ".hydra" / "config.yaml").read_text())))
+        overrides.add((cfg["moe"]["top_k"], cfg["optim"]["lr"]))
+    assert overrides == {(1, 1e-4), (1, 3e-4), (2, 1e-4), (2, 3e-4)}
+    with open(sweep / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all(r["val_loss"] and r["stop_reason"] == "max_steps" for r in rows)
+    assert {r["overrides"] for r in rows} == {f"moe.top_k={k} optim.lr={lr}" for k in (1, 2) for lr in ("0.0001", "0.0003")}
+    assert "Sweep of 4 runs" in out.stdout
+
+
+def test_ddp_on_two_cpu_processes_writes_one_run_dir(tmp_path):
+    run_dir = tmp_path / "runs" / "ddp"
+    out = run_train(f"hydra.run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2", *FAST, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["ddp"]
+    s = read_summary(run_dir)
+    assert s["world_size"] == 2 and s["global_step"] == 4 and s["stop_reason"] == "max_steps"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.skipif(not COUNSEL_CHAT_CSV.is_file(), reason="../shared/datasets/counsel_chat is not beside the repo")
+def test_counsel_chat_converter_output_trains(tmp_path):
+    converted = tmp_path / "counsel_chat.jsonl"
+    conv = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_counsel_chat.py"), "--out", str(converted)],
+                          capture_output=True, text=True, timeout=120)
+    assert conv.returncode == 0, conv.stderr
+    out = run_train("data=counsel_chat", f"data.train_files=[{converted}]", f"hydra.run.dir={tmp_path}/run", *FAST)
+    assert out.returncode == 0, out.stdout[-3000:]
+    s = read_summary(tmp_path / "run")
+    seen = s["data"]["train"]["by_domain"]
+    assert set(seen) == {"psychology", "mental_health", "bias_detection", "general_therapeutic"}
+    assert s["data"]["train"]["conversations"] + s["data"]["val"]["conversations"] == 2009
+
+
+def test_wandb_is_offline_without_a_key_and_packing_trains(tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_train(f"hydra.run.dir={run_dir}", "logger=wandb", "data.packing=true", *FAST, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb did not write an offline run"
+    s = read_summary(run_dir)
+    assert s["stop_reason"] == "max_steps" and s["tokens_per_s"] > 0
+
+
+def test_time_budget_stops_with_a_checkpoint_of_the_final_step(tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_train(f"hydra.run.dir={run_dir}", "trainer.max_time=00:00:00:08", "trainer.max_steps=100000",
+                    "callbacks.model_checkpoint.every_n_train_steps=1000", "logger=tensorboard", "data.max_length=128")
+    assert out.returncode == 0, out.stdout[-3000:]
+    s = read_summary(run_dir)
+    assert s["stop_reason"] == "time_budget" and 0 < s["global_step"] < 100000
+    assert _load_ckpt(s["last_checkpoint"])["global_step"] == s["global_step"]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_qlora_through_train_py(tmp_path):
+    """4-bit nf4 base (bitsandbytes on CPU) + LoRA + MoE, from a local model directory."""
+    tiny_model("tiny-mistral").save_pretrained(tmp_path / "model")
+    out = run_train(f"model.name_or_path={tmp_path / 'model'}", "model.init=pretrained", "model.load_in_4bit=true",
+                    "model.bnb_4bit_compute_dtype=float32", f"hydra.run.dir={tmp_path}/run", *FAST)
+    assert out.returncode == 0, out.stdout[-3000:]
+    s = read_summary(tmp_path / "run")
+    assert s["stop_reason"] == "max_steps" and s["global_step"] == 4
+    assert s["model"]["linear_4bit_modules"] == 4 * 7 and s["model"]["moe_layers"] == [0, 1, 2, 3]
+    assert s["model"]["trainable_params"] < s["model"]["total_params"] / 2
