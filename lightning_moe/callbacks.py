@@ -14,7 +14,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
+from lightning.pytorch.callbacks import ThroughputMonitor as _ThroughputMonitor
 
+from lightning_moe.flops import dense_peak_flops
 from lightning_moe.moe.losses import domain_expert_counts, routing_stats
 
 
@@ -29,6 +31,19 @@ class ModelCheckpoint(_ModelCheckpoint):
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+
+class ThroughputMonitor(_ThroughputMonitor):
+    """Lightning's ThroughputMonitor with MFU against the dense bf16 peak (lightning_moe.flops), which Lightning
+    lacks for the H200. Configure it with length_fn counting real tokens only."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        peak = dense_peak_flops(trainer.strategy.root_device, trainer.precision)
+        if peak:
+            self.available_flops = peak
+            for throughput in self._throughputs.values():
+                throughput.available_flops = peak
 
 
 class ExpertUsageMonitor(Callback):
@@ -112,6 +127,7 @@ class RunStats(Callback):
         self.val_loss: float | None = None
         self.best_val_loss: float | None = None
         self.tokens = 0
+        self.flops = 0  # model FLOPs (lightning_moe.flops) of the training batches
         self.fit_start = time.monotonic()
         self._train_start = self._last_batch_end = self._val_start = None
         self._val_seconds = 0.0
@@ -133,6 +149,7 @@ class RunStats(Callback):
             torch.cuda.synchronize()
         self._last_batch_end = time.monotonic()
         self.tokens += batch["num_tokens"]
+        self.flops += getattr(pl_module, "flops_per_batch", 0)
         loss = trainer.callback_metrics.get("train/lm_loss")
         if loss is not None:
             self.train_loss = float(loss)

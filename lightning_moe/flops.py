@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lightning_moe.moe.layer import MoEBlock
@@ -59,3 +60,16 @@ def count_flops(model: nn.Module, config) -> FlopCounts:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return FlopCounts(frozen, per_token, config.num_hidden_layers * heads * head_dim)
+
+
+# Dense (no 2:4 sparsity) bf16/fp16 tensor-core peaks. Lightning's table lists the sparse figure for the H200
+# and does not match the plain "NVIDIA H200" device name, so MFU would be missing or halved there.
+_DENSE_BF16 = (("h200", 989.4e12), ("h100 pcie", 756.0e12), ("h100", 989.4e12), ("a100", 312.0e12))
+
+
+def dense_peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one device for MFU: bf16/fp16 tensor cores; None where unknown (e.g. CPU)."""
+    if device.type != "cuda" or not any(p in str(precision) for p in ("bf16", "16")):
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return next((peak for key, peak in _DENSE_BF16 if all(k in name for k in key.split())), None)

@@ -6,6 +6,7 @@ Checkpoints hold only what trains (LoRA, routers, experts): a 12B base would oth
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import lightning.pytorch as pl
@@ -17,6 +18,8 @@ from lightning_moe.flops import FlopCounts, count_flops
 from lightning_moe.modeling import build_model
 from lightning_moe.moe import RouterRecord, RoutingContext
 from lightning_moe.moe.losses import domain_routing_loss, load_balancing_loss, router_z_loss
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,6 +142,11 @@ class MoELoRAModule(pl.LightningModule):
         fused = o.fused if o.fused is not None else self.device.type == "cuda"
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
+        if o.scheduler != "constant" and o.warmup_steps >= total:
+            log.warning(
+                "optim.warmup_steps=%d >= the run's %d optimizer steps: the learning rate never reaches optim.lr=%g "
+                "(more data or epochs, or a shorter warm-up)", o.warmup_steps, total, o.lr,
+            )
         if o.scheduler == "cosine":
             sched = get_cosine_with_min_lr_schedule_with_warmup(opt, o.warmup_steps, total, min_lr_rate=o.min_lr_ratio)
         elif o.scheduler == "linear":
@@ -146,6 +154,18 @@ class MoELoRAModule(pl.LightningModule):
         else:
             sched = get_constant_schedule_with_warmup(opt, o.warmup_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's mixed-precision plugin refuses to clip for optimizers that unscale inside their step
+        (fused AdamW), a guard for fp16's GradScaler. bf16 and fp32 have no scaler and nothing to unscale, so
+        clip here; with fp16 Lightning's check stands."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     # ---- checkpoints: trainable weights only --------------------------------------------------------
     def trainable_state_keys(self) -> set[str]:

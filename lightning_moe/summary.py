@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import EarlyStopping, Timer
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from lightning_moe.callbacks import ExpertUsageMonitor, ModelCheckpoint, RunStats
+from lightning_moe.flops import dense_peak_flops
 
 # stop_reason values (MOE_TRAINING_GUIDE.md explains each)
 STOP_REASONS = ("max_steps", "max_epochs", "time_budget", "early_stopping", "sigterm", "error")
@@ -63,6 +65,10 @@ def build_summary(trainer: pl.Trainer, module, datamodule, reason: str, started:
         {k: v.tolist() for k, v in usage.train_load.items()} if usage and usage.train_load else {}
     )
     flops = getattr(module, "flops", None)
+    device = trainer.strategy.root_device
+    peak = dense_peak_flops(device, trainer.precision)
+    mfu = stats.flops / seconds / peak if stats and peak and seconds > 0 else None
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     summary = {
         "stop_reason": reason,
         "global_step": trainer.global_step,
@@ -77,6 +83,8 @@ def build_summary(trainer: pl.Trainer, module, datamodule, reason: str, started:
         "train_s": round(seconds, 3),
         "tokens_seen": int(tokens),
         "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+        "mfu": round(mfu, 4) if mfu else None,  # per device, model FLOPs (MOE_TRAINING_GUIDE.md) / dense peak
+        "peak_memory_gib": round(peak_mem, 2) if peak_mem else None,
         "world_size": trainer.world_size,
         "expert_load": expert_load,
         "domain_expert_matrix": val.get("domain_expert_matrix"),
