@@ -60,7 +60,8 @@ def read_conversations(path: str | Path, domains: list[str]) -> datasets.Dataset
     """One file -> Dataset(messages, domain_id)."""
     file = resolve_path(path)
     if not file.is_file():
-        raise DataError(f"{path}: file not found (looked at {file})")
+        hint = " (files in data/generated/ are written by scripts/convert_*.py)" if "generated" in file.parts else ""
+        raise DataError(f"{path}: file not found (looked at {file}){hint}")
     try:
         raw = datasets.load_dataset("json", data_files=str(file), split="train")
     except Exception as e:  # datasets wraps JSON errors in several exception types
