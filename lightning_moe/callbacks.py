@@ -128,7 +128,6 @@ class RunStats(Callback):
         self.best_val_loss: float | None = None
         self.tokens = 0
         self.flops = 0  # model FLOPs (lightning_moe.flops) of the training batches
-        self.fit_start = time.monotonic()
         self._train_start = self._last_batch_end = self._val_start = None
         self._val_seconds = 0.0
 
@@ -137,9 +136,6 @@ class RunStats(Callback):
         if self._train_start is None or self._last_batch_end is None:
             return 0.0
         return max(self._last_batch_end - self._train_start - self._val_seconds, 0.0)
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.fit_start = time.monotonic()
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._train_start = time.monotonic()

@@ -71,5 +71,4 @@ class SweepSummary(Callback):
             writer.writerows(rows)
         table = markdown(rows)
         (sweep_dir / "sweep_summary.md").write_text(table)
-        log.info("sweep summary (%s):\n%s", sweep_dir / "sweep_summary.csv", table)
-        print(f"\nSweep of {len(rows)} runs in {sweep_dir}:\n{table}", flush=True)
+        log.info("Sweep of %d runs in %s (sweep_summary.csv, .md):\n%s", len(rows), sweep_dir, table)
