@@ -16,8 +16,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-ROUTERS = ("topk",)
-EXPERTS = ("adapter",)
+ROUTERS = ("topk", "switch", "expert_choice", "dynamic", "deepseek")
+EXPERTS = ("adapter", "lora", "upcycled")
+DISPATCH = ("auto", "dense", "grouped", "loop")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("cosine", "linear", "constant")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -75,16 +76,44 @@ class LoRAConfig:
 class MoEConfig:
     enabled: bool = True
     num_experts: int = 4
-    top_k: int = 2
+    top_k: int = 2  # experts per token (topk, deepseek); the static reference for dynamic routing
     layers: Optional[List[int]] = None  # decoder-layer indices (negative counts from the end); null: spread
     num_layers: int = 4  # with layers=null: this many layers evenly spread over the depth
-    router: str = "topk"
-    expert: str = "adapter"
-    expert_dim: int = 64  # bottleneck width of each SwiGLU adapter expert
+    # routing
+    router: str = "topk"  # topk | switch | expert_choice | dynamic | deepseek
+    routing_level: str = "token"  # token | sequence (one decision per conversation, from its mean hidden state)
     router_init_std: float = 0.02
-    aux_loss_coef: float = 0.01  # Switch/Mixtral load balancing over all MoE layers; 0 turns it off
-    z_loss_coef: float = 0.001  # ST-MoE router z-loss; 0 turns it off
-    domain_loss_coef: float = 0.1  # pulls tokens of a labelled example toward expert[domain]; 0 turns it off
+    capacity_factor: float = 1.25  # switch: tokens per expert = factor * tokens / E; expert_choice: experts per token
+    dynamic_mode: str = "top_p"  # top_p | threshold
+    dynamic_p: float = 0.5  # top_p: keep experts until their probability mass reaches p
+    dynamic_threshold: float = 0.25  # threshold: keep experts with probability >= threshold
+    min_experts: int = 1
+    max_experts: Optional[int] = None  # null: num_experts
+    n_group: int = 1  # deepseek grouped selection: experts in n_group groups...
+    topk_group: int = 1  # ...of which the best topk_group are eligible
+    norm_topk_prob: bool = True  # deepseek: renormalise the chosen weights
+    routed_scaling_factor: float = 1.0  # deepseek: scale of the routed output
+    # experts
+    expert: str = "adapter"  # adapter | lora | upcycled
+    expert_dim: int = 64  # adapter bottleneck width
+    lora_r: int = 8  # lora experts / upcycled-through-LoRA: rank per expert
+    lora_alpha: float = 16.0
+    lora_targets: List[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    upcycle_train: str = "lora"  # upcycled copies: lora (frozen copies + per-expert LoRA) | full
+    upcycle_noise: float = 0.0  # Gaussian noise on the copies, as a fraction of each weight's std
+    num_shared_experts: int = 0  # always-on experts beside the routed ones
+    shared_expert_dim: Optional[int] = None  # null: expert_dim
+    shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert
+    dispatch: str = "auto"  # auto (dense for adapter, grouped for upcycled) | dense | grouped | loop
+    # balancing: every coefficient 0 turns its term off
+    aux_loss_coef: float = 0.01  # Switch/Mixtral load balancing over all MoE layers
+    z_loss_coef: float = 0.001  # ST-MoE router z-loss
+    domain_loss_coef: float = 0.1  # pulls a labelled conversation's rows toward expert[domain]
+    loramoe_coef: float = 0.0  # LoRAMoE localized balancing...
+    loramoe_delta: float = 0.1  # ...with importance 1 +/- delta
+    entropy_coef: float = 0.0  # routing-entropy penalty (dynamic routing)
+    bias_update_rate: float = 0.0  # deepseek aux-loss-free balancing: bias step per optimizer step
+    bias_update_center: bool = True  # subtract the mean of each bias update (torchtitan)
 
 
 @dataclass
@@ -196,8 +225,35 @@ def validate_config(cfg: DictConfig) -> Sections:
         _check(moe.expert_dim >= 1, "moe.expert_dim", f"must be >= 1, got {moe.expert_dim}")
         _check(moe.layers is None or len(moe.layers) > 0, "moe.layers", "empty list: give indices or null")
         _check(moe.layers is not None or moe.num_layers >= 1, "moe.num_layers", "must be >= 1")
-        for key in ("aux_loss_coef", "z_loss_coef", "domain_loss_coef"):
+        for key in ("aux_loss_coef", "z_loss_coef", "domain_loss_coef", "loramoe_coef", "entropy_coef",
+                    "bias_update_rate", "upcycle_noise"):
             _check(getattr(moe, key) >= 0, f"moe.{key}", "must be >= 0 (0 turns the term off)")
+        _check(moe.routing_level in ("token", "sequence"), "moe.routing_level", "must be token or sequence")
+        _check(moe.dispatch in DISPATCH, "moe.dispatch", f"'{moe.dispatch}' is not one of {', '.join(DISPATCH)}")
+        _check(moe.upcycle_train in ("lora", "full"), "moe.upcycle_train", "must be lora or full")
+        _check(moe.capacity_factor > 0, "moe.capacity_factor", "must be > 0")
+        _check(moe.lora_r >= 1, "moe.lora_r", "must be >= 1")
+        if moe.router == "dynamic":
+            _check(moe.dynamic_mode in ("top_p", "threshold"), "moe.dynamic_mode", "must be top_p or threshold")
+            _check(0 < moe.dynamic_p <= 1, "moe.dynamic_p", "must be in (0, 1]")
+            _check(0 < moe.dynamic_threshold <= 1, "moe.dynamic_threshold", "must be in (0, 1]")
+            top = moe.max_experts or moe.num_experts
+            _check(1 <= moe.min_experts <= top <= moe.num_experts, "moe.min_experts",
+                   f"need 1 <= min_experts ({moe.min_experts}) <= max_experts ({top}) <= num_experts")
+        if moe.router == "deepseek":
+            _check(moe.num_experts % moe.n_group == 0, "moe.n_group",
+                   f"{moe.n_group} groups must divide moe.num_experts={moe.num_experts}")
+            _check(1 <= moe.topk_group <= moe.n_group, "moe.topk_group", f"must be in 1..moe.n_group={moe.n_group}")
+            per_group = moe.num_experts // moe.n_group
+            _check(moe.n_group == 1 or per_group >= 2, "moe.n_group", "grouped selection needs >= 2 experts per group")
+            _check(moe.top_k <= moe.topk_group * per_group, "moe.top_k",
+                   f"{moe.top_k} > experts in the {moe.topk_group} eligible groups ({moe.topk_group * per_group})")
+        if moe.bias_update_rate > 0:
+            _check(moe.router == "deepseek", "moe.bias_update_rate", "aux-loss-free bias updates need moe.router=deepseek")
+        if moe.router == "expert_choice":
+            _check(moe.routing_level == "token", "moe.routing_level", "expert choice routes tokens within a sequence")
+            _check(not d.packing, "data.packing", "expert choice routes within a sequence: it needs padded batches "
+                   "(data.packing=false)")
         if moe.domain_loss_coef > 0:
             _check(
                 len(sec.domains) == moe.num_experts,

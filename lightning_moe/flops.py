@@ -43,23 +43,30 @@ def _linear_weight_numel(module: nn.Module) -> int | None:
     return None
 
 
-def count_flops(model: nn.Module, config) -> FlopCounts:
-    """Counts N, P and L*H*d from a built model (after LoRA and MoE insertion) and its HF config."""
+def nominal_active_experts(moe) -> float:
+    """Experts a token uses by design: top_k (topk, deepseek and, as its static reference, dynamic), 1 for
+    Switch, capacity_factor for expert choice. Measured counts are in the routing metrics."""
+    return {"switch": 1.0, "expert_choice": float(moe.capacity_factor)}.get(moe.router, float(moe.top_k))
+
+
+def count_flops(model: nn.Module, config, active_experts: float = 0.0) -> FlopCounts:
+    """N, P and L*H*d of a built model (after LoRA and MoE insertion); MoE blocks count `active_experts`
+    experts per token."""
     frozen = 0
     for module in model.modules():
         numel = _linear_weight_numel(module)
         if numel is not None and not module.weight.requires_grad:
             frozen += numel
-    moe_params, active = 0, 0
-    for block in (m for m in model.modules() if isinstance(m, MoEBlock)):
-        expert_params = sum(p.numel() for p in block.experts.parameters())
-        moe_params += expert_params + block.router.weight.numel()
-        active += block.experts.active_params_per_token(block.router.top_k) + block.router.weight.numel()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    per_token = trainable - moe_params + active
+    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    in_blocks = {id(p) for b in blocks for p in (*b.router.parameters(), *b.experts.parameters(),
+                                                   *(b.shared.parameters() if b.shared is not None else ()))}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in in_blocks)
+    for b in blocks:
+        block_frozen, block_trainable = b.flop_params(active_experts)
+        frozen, trainable = frozen + block_frozen, trainable + block_trainable
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return FlopCounts(frozen, per_token, config.num_hidden_layers * heads * head_dim)
+    return FlopCounts(frozen, trainable, config.num_hidden_layers * heads * head_dim)
 
 
 # Dense (no 2:4 sparsity) bf16/fp16 tensor-core peaks. Lightning's table lists the sparse figure for the H200

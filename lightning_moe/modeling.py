@@ -188,17 +188,7 @@ def build_model(
 
     blocks = []
     if moe.enabled:
-        blocks = inject_moe(
-            model,
-            layers,
-            context,
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_experts=moe.num_experts,
-            top_k=moe.top_k,
-            expert_dim=moe.expert_dim,
-            router_init_std=moe.router_init_std,
-        )
+        blocks = inject_moe(model, layers, context, moe, config.hidden_size, config.num_hidden_layers)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("lora.enabled / moe.enabled: nothing to train (both are off)")
     return model, blocks

@@ -1,7 +1,10 @@
 """The LightningModule: a HF causal LM with LoRA adapters and MoE blocks, trained on assistant tokens.
 
 loss = lm_loss + aux_loss_coef * load_balancing + z_loss_coef * z_loss + domain_loss_coef * domain_loss
-Checkpoints hold only what trains (LoRA, routers, experts): a 12B base would otherwise add 24 GB to each.
+            + loramoe_coef * loramoe_balancing + entropy_coef * routing_entropy
+plus, with moe.bias_update_rate > 0, DeepSeek's aux-loss-free bias step after each optimizer step.
+Checkpoints hold only what trains (LoRA, routers, experts, router biases): a 12B base would otherwise add
+24 GB to each.
 """
 
 from __future__ import annotations
@@ -14,23 +17,18 @@ import torch
 from transformers import PretrainedConfig
 
 from lightning_moe.config import Sections
-from lightning_moe.flops import FlopCounts, count_flops
+from lightning_moe.flops import FlopCounts, count_flops, nominal_active_experts
 from lightning_moe.modeling import build_model
-from lightning_moe.moe import RouterRecord, RoutingContext
-from lightning_moe.moe.losses import domain_routing_loss, load_balancing_loss, router_z_loss
+from lightning_moe.moe import DeepSeekRouter, RouterRecord, RoutingContext
+from lightning_moe.moe.losses import (
+    domain_routing_loss,
+    entropy_loss,
+    load_balancing_loss,
+    loramoe_loss,
+    router_z_loss,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RoutedBatch:
-    """What the routers did on the last batch (detached), for ExpertUsageMonitor."""
-
-    layers: list[int]
-    logits: list[torch.Tensor]
-    indices: list[torch.Tensor]
-    mask: torch.Tensor  # (T,) real tokens
-    token_domain: torch.Tensor  # (T,)
 
 
 class MoELoRAModule(pl.LightningModule):
@@ -47,7 +45,7 @@ class MoELoRAModule(pl.LightningModule):
         self.moe_blocks: list = []
         self.flops: FlopCounts | None = None
         self.flops_per_batch = 0  # read by Lightning's ThroughputMonitor after every batch
-        self.last_routing: RoutedBatch | None = None
+        self.last_records: list[RouterRecord] = []  # the last batch's routing, for ExpertUsageMonitor
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -57,7 +55,7 @@ class MoELoRAModule(pl.LightningModule):
         self.model, self.moe_blocks = build_model(
             s.model, s.lora, s.moe, self.model_config, self.routing, self.vocab_size, device
         )
-        self.flops = count_flops(self.model, self.model_config)
+        self.flops = count_flops(self.model, self.model_config, nominal_active_experts(s.moe))
 
     def describe(self) -> dict:
         """What was built, for summary.json."""
@@ -76,10 +74,19 @@ class MoELoRAModule(pl.LightningModule):
 
     # ---- forward and losses -------------------------------------------------------------------------
     def _forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self.routing.start()
+        attn = batch.get("attention_mask")
+        ids = batch["input_ids"]
+        self.routing.start(
+            token_mask=(attn if attn is not None else torch.ones_like(ids)).reshape(-1).bool(),
+            token_domain=batch["token_domain"].reshape(-1),
+            segments=batch["segment_ids"].reshape(-1),
+            num_segments=batch["num_examples"],
+            segment_domain=batch["example_domain"],
+            packed="position_ids" in batch,
+        )
         out = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
+            input_ids=ids,
+            attention_mask=attn,
             position_ids=batch.get("position_ids"),
             labels=batch["labels"],
             use_cache=False,  # a KV cache would also switch off transformers' packed-sequence (block-diagonal) masks
@@ -88,24 +95,27 @@ class MoELoRAModule(pl.LightningModule):
         losses = {"lm_loss": out.loss}
         total = out.loss
         if records:
-            total = total + self._router_losses(records, batch, losses)
+            total = total + self._router_losses(records, losses)
+        self.last_records = records
         return total, losses
 
-    def _router_losses(self, records: list[RouterRecord], batch: dict, losses: dict) -> torch.Tensor:
+    def _router_losses(self, records: list[RouterRecord], losses: dict) -> torch.Tensor:
         moe = self.sections.moe
-        attn = batch.get("attention_mask")
-        mask = (attn if attn is not None else torch.ones_like(batch["input_ids"])).reshape(-1).bool()
-        domain = batch["token_domain"].reshape(-1)
-        logits, indices = [r.logits for r in records], [r.indices for r in records]
-        losses["aux_loss"] = load_balancing_loss(logits, indices, moe.num_experts, mask)
-        losses["z_loss"] = router_z_loss(logits, mask)
-        losses["domain_loss"] = domain_routing_loss(logits, torch.where(mask, domain, -1))
-        self.last_routing = RoutedBatch(
-            [r.layer for r in records], [lg.detach() for lg in logits], indices, mask, domain
-        )
+        terms = {  # name: (coefficient, loss); computed for logging even when a coefficient is 0
+            "aux_loss": (moe.aux_loss_coef, load_balancing_loss(records, moe.num_experts)),
+            "z_loss": (moe.z_loss_coef, router_z_loss(records)),
+            "domain_loss": (moe.domain_loss_coef, domain_routing_loss(records)),
+            "entropy_loss": (moe.entropy_coef, entropy_loss(records)),
+        }
+        if moe.loramoe_coef > 0:
+            terms["loramoe_loss"] = (moe.loramoe_coef, loramoe_loss(records, moe.num_experts, moe.loramoe_delta))
+        losses.update({k: v for k, (_, v) in terms.items()})
+        if self.training and moe.bias_update_rate > 0:
+            for r in records:  # loads of this micro-batch; summed over micro-batches until the optimizer step
+                r.router.record_load((r.out.selected & r.mask.unsqueeze(-1)).sum(0).float().detach())
         # a coefficient of 0 leaves the term out of the graph, not just multiplied by zero
-        terms = [(moe.aux_loss_coef, "aux_loss"), (moe.z_loss_coef, "z_loss"), (moe.domain_loss_coef, "domain_loss")]
-        return sum((c * losses[k] for c, k in terms if c > 0), torch.zeros((), device=mask.device))
+        active = [c * v for c, v in terms.values() if c > 0]
+        return sum(active, torch.zeros((), device=records[0].out.logits.device))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, parts = self._forward(batch)
@@ -121,9 +131,9 @@ class MoELoRAModule(pl.LightningModule):
         targets = int((batch["labels"] != -100).sum())
         self.log("val/loss", parts["lm_loss"], prog_bar=True, batch_size=targets, sync_dist=True)
         self.log("val/total_loss", loss, batch_size=targets, sync_dist=True)
-        for k in ("aux_loss", "z_loss", "domain_loss"):
-            if k in parts:
-                self.log(f"val/{k}", parts[k], batch_size=batch["num_examples"], sync_dist=True)
+        for k, v in parts.items():
+            if k != "lm_loss":
+                self.log(f"val/{k}", v, batch_size=batch["num_examples"], sync_dist=True)
 
     # ---- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -167,6 +177,17 @@ class MoELoRAModule(pl.LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Aux-loss-free balancing: once per optimizer step, from the loads of all its micro-batches summed
+        over data-parallel ranks, so every rank applies the same bias step."""
+        moe = self.sections.moe
+        if moe.bias_update_rate <= 0:
+            return
+        for block in self.moe_blocks:
+            if isinstance(block.router, DeepSeekRouter):
+                load = self.trainer.strategy.reduce(block.router.pending_load.to(self.device), reduce_op="sum")
+                block.router.update_bias(load, moe.bias_update_rate, moe.bias_update_center)
+
     # ---- checkpoints: trainable weights only --------------------------------------------------------
     def trainable_state_keys(self) -> set[str]:
         """Parameters that train, plus router buffers (state such as balancing biases)."""
@@ -176,6 +197,10 @@ class MoELoRAModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # loads counted since the last bias step (a save between micro-batches must not lose them)
+        checkpoint["moe_pending_load"] = {
+            b.layer_idx: b.router.pending_load.cpu() for b in self.moe_blocks if isinstance(b.router, DeepSeekRouter)
+        }
         checkpoint["base_model"] = {
             "name_or_path": self.sections.model.name_or_path,
             "init": self.sections.model.init,
@@ -183,6 +208,10 @@ class MoELoRAModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        pending = checkpoint.get("moe_pending_load", {})
+        for block in self.moe_blocks:
+            if block.layer_idx in pending:
+                block.router.pending_load = pending[block.layer_idx].to(self.device)
         missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise ValueError(

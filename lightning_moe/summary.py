@@ -61,9 +61,8 @@ def build_summary(trainer: pl.Trainer, module, datamodule, reason: str, started:
     tokens = float(tokens)
     seconds = stats.train_seconds if stats else 0.0
     val = usage.val_report if usage and usage.val_report else {}
-    expert_load = val.get("expert_load") or (
-        {k: v.tolist() for k, v in usage.train_load.items()} if usage and usage.train_load else {}
-    )
+    train_routing = usage.train_report if usage else {}
+    expert_load = val.get("expert_load") or {k: m["load"] for k, m in train_routing.items()}
     flops = getattr(module, "flops", None)
     device = trainer.strategy.root_device
     peak = dense_peak_flops(device, trainer.precision)
@@ -87,6 +86,11 @@ def build_summary(trainer: pl.Trainer, module, datamodule, reason: str, started:
         "peak_memory_gib": round(peak_mem, 2) if peak_mem else None,
         "world_size": trainer.world_size,
         "expert_load": expert_load,
+        # per layer: load, cv, maxvio, entropy, effective_experts, dead_fraction, active_experts,
+        # dropped_fraction (+ bias for deepseek); from the last validation, else the last logged train batch
+        "routing": val.get("routing_metrics") or train_routing,
+        "active_experts": val.get("active_experts"),
+        "active_expert_flops_vs_top_k": val.get("active_expert_flops_vs_top_k"),
         "domain_expert_matrix": val.get("domain_expert_matrix"),
         "model": module.describe(),
         "flops_per_token_at_1k": flops.per_token(1024) if flops else None,

@@ -110,10 +110,20 @@ def test_flop_count_matches_a_hand_count():
     experts_active = 2 * (3 * h * 8)  # top-2 of 4 SwiGLU adapters with bottleneck 8
     router = 4 * h
     p = lora + 2 * (experts_active + router)
-    flops = count_flops(model, c)
+    flops = count_flops(model, c, active_experts=2)
     assert (flops.frozen_matmul_params, flops.trainable_params_per_token, flops.attn_lhd) == (n, p, L * nh * d)
     s = 100
     assert flops.per_batch(s, s * s) == s * (4 * n + 6 * p) + 6 * L * nh * d * s * s
+
+    # upcycled experts through LoRA: each MoE layer's MLP becomes 4 frozen copies, a token runs 2 of them
+    model, _ = _build(lora=LoRAConfig(r=4, alpha=8), moe=MoEConfig(expert="upcycled", num_layers=2, lora_r=2))
+    flops = count_flops(model, c, active_experts=2)
+    mlp = 3 * h * i
+    n_up = n - 2 * mlp + 2 * (2 * mlp)  # the 2 MoE layers: their MLP gone, 2 active copies instead
+    expert_lora = 2 * (h + i) * 2 + (i + h) * 2  # rank 2 on gate, up, down of one expert
+    lora_up = lora - 2 * 4 * (2 * (h + i) + (i + h))  # the MoE layers' own MLP LoRA went with their MLP
+    assert flops.frozen_matmul_params == n_up
+    assert flops.trainable_params_per_token == lora_up + 2 * (2 * expert_lora + router)
 
 
 def test_missing_architecture_is_named():

@@ -2,6 +2,8 @@
 
 Both forms carry what the rest of the pipeline needs beyond input_ids/labels:
   token_domain  (B, S) domain index of each token's conversation, -1 for unlabelled or padding tokens
+  segment_ids   (B, S) index of each token's conversation in the micro-batch, -1 for padding
+  example_domain (num_examples,) domain index of each conversation
   num_tokens    real (non-padding) tokens, for throughput and MFU
   num_examples  conversations in the micro-batch
   attn_sq       sum of squared conversation lengths, for the attention term of the FLOP count
@@ -30,24 +32,30 @@ class ChatCollator:
             "num_tokens": sum(lengths),
             "num_examples": len(features),
             "attn_sq": sum(n * n for n in lengths),
+            "example_domain": torch.tensor([f["domain_id"] for f in features]),
         }
         if self.packing:
             ids = torch.tensor([t for f in features for t in f["input_ids"]]).unsqueeze(0)
             labels = torch.tensor([t for f in features for t in f["labels"]]).unsqueeze(0)
             pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
             dom = torch.cat([torch.full((n,), f["domain_id"]) for n, f in zip(lengths, features)]).unsqueeze(0)
-            return {"input_ids": ids, "labels": labels, "position_ids": pos, "token_domain": dom, **meta}
+            seg = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).unsqueeze(0)
+            return {"input_ids": ids, "labels": labels, "position_ids": pos, "token_domain": dom, "segment_ids": seg,
+                    **meta}
         width = -(-max(lengths) // self.pad_to_multiple_of) * self.pad_to_multiple_of
         ids = torch.full((len(features), width), self.pad_token_id)
         labels = torch.full((len(features), width), IGNORE_INDEX)
         mask = torch.zeros((len(features), width), dtype=torch.long)
         dom = torch.full((len(features), width), -1)
+        seg = torch.full((len(features), width), -1)
         for i, (n, f) in enumerate(zip(lengths, features)):
             ids[i, :n] = torch.tensor(f["input_ids"])
             labels[i, :n] = torch.tensor(f["labels"])
             mask[i, :n] = 1
             dom[i, :n] = f["domain_id"]
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "token_domain": dom, **meta}
+            seg[i, :n] = i
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "token_domain": dom, "segment_ids": seg,
+                **meta}
 
 
 def batch_num_tokens(batch: dict) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_moe.moe.layer import MoEBlock, RoutingContext
+from lightning_moe.moe.layer import MoEBlock, RoutingContext, build_block
+from lightning_moe.moe.routing import build_router
 
 # Attribute that holds the feed-forward of a decoder layer, by family: Llama/Mistral/Qwen2/Gemma/Phi-3 use
 # `mlp`; some older families name it differently.
@@ -23,32 +24,19 @@ def decoder_layers(model: nn.Module, num_hidden_layers: int) -> nn.ModuleList:
     )
 
 
-def inject_moe(
-    model: nn.Module,
-    layer_indices: list[int],
-    context: RoutingContext,
-    hidden_size: int,
-    num_hidden_layers: int,
-    num_experts: int,
-    top_k: int,
-    expert_dim: int,
-    router_init_std: float = 0.02,
-) -> list[MoEBlock]:
-    """Replace `layer.mlp` of each chosen layer by an MoEBlock wrapping it; returns the blocks.
-
-    Done after peft wraps the model so that LoRA's `all-linear` never adapts the router, and the new
-    parameters (router, experts) stay trainable. They are created in float32 on the layer's device.
-    """
+def inject_moe(model: nn.Module, layer_indices: list[int], context: RoutingContext, moe, hidden_size: int,
+               num_hidden_layers: int) -> list[MoEBlock]:
+    """Put an MoEBlock in the MLP slot of each chosen layer (wrapping or, for upcycled experts, replacing the
+    MLP); returns the blocks. Done after peft wraps the model, so that LoRA's `all-linear` never adapts a
+    router and the new parameters stay trainable."""
     layers = decoder_layers(model, num_hidden_layers)
     blocks = []
     for i in layer_indices:
         layer = layers[i]
         name = next(n for n in _FFN_NAMES if hasattr(layer, n))
         mlp = getattr(layer, name)
-        device = next(mlp.parameters()).device
-        block = MoEBlock(mlp, hidden_size, i, context, num_experts, top_k, expert_dim, router_init_std)
-        block.router.to(device)
-        block.experts.to(device)
+        router = build_router(moe.router, hidden_size, moe.num_experts, moe.top_k, moe)
+        block = build_block(mlp, router, moe.expert, i, context, moe, hidden_size, moe.num_experts)
         setattr(layer, name, block)
         blocks.append(block)
     return blocks

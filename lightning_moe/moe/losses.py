@@ -1,7 +1,8 @@
-"""Router losses and routing statistics, over all MoE layers of one forward pass.
+"""Router losses and routing metrics over all MoE layers of one forward pass.
 
-All functions take per-layer lists of router logits (T, E) and selected indices (T, k), plus a (T,) token
-mask (False for padding), and never call .item(): no host sync in the training step.
+Every function takes the forward pass's RouterRecords (lightning_moe.moe.layer), whose rows are tokens or,
+with sequence-level routing, conversations, each with a mask of real rows. Nothing here calls .item():
+the training step stays free of host-device syncs.
 """
 
 from __future__ import annotations
@@ -9,67 +10,117 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _counts(indices: torch.Tensor, num_experts: int, weight: torch.Tensor) -> torch.Tensor:
-    """Number of (token, slot) assignments per expert, counting only tokens with weight 1."""
-    w = weight.to(torch.float32).unsqueeze(-1).expand_as(indices).reshape(-1)
-    return torch.zeros(num_experts, device=indices.device).scatter_add_(0, indices.reshape(-1), w)
+from lightning_moe.moe.layer import RouterRecord
 
 
-def load_balancing_loss(
-    logits: list[torch.Tensor], indices: list[torch.Tensor], num_experts: int, mask: torch.Tensor
-) -> torch.Tensor:
-    """Switch/Mixtral auxiliary loss E * sum_i f_i * P_i over all layers' tokens together.
+def _m(r: RouterRecord) -> torch.Tensor:
+    return r.mask.to(torch.float32)
 
-    f_i: fraction of (token, slot) assignments that went to expert i (sums to k), P_i: mean router
-    probability of expert i. Uniform routing gives k. Equal to transformers' Mixtral
-    `load_balancing_loss_func(tuple(logits), E, k, attention_mask)` (tests compare them).
+
+def load_balancing_loss(records: list[RouterRecord], num_experts: int) -> torch.Tensor:
+    """Switch/Mixtral auxiliary loss E * sum_i f_i * P_i over all layers' rows together.
+
+    f_i: fraction of (row, slot) assignments chosen for expert i (before any capacity limit; sums to k),
+    P_i: mean routing probability of expert i. Balanced routing gives k. With top-k softmax routing this is
+    transformers' Mixtral `load_balancing_loss_func(tuple(logits), E, k, attention_mask)` (tested).
     """
-    m = mask.to(torch.float32)
-    counts = sum(_counts(idx, num_experts, m) for idx in indices)
-    probs = sum((lg.softmax(-1) * m.unsqueeze(-1)).sum(0) for lg in logits)
-    rows = m.sum() * len(logits)
+    counts = sum((r.out.selected.float() * _m(r).unsqueeze(-1)).sum(0) for r in records)
+    probs = sum((r.out.probs * _m(r).unsqueeze(-1)).sum(0) for r in records)
+    rows = sum(_m(r).sum() for r in records)
     return num_experts * torch.sum((counts / rows) * (probs / rows))
 
 
-def router_z_loss(logits: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """ST-MoE z-loss: mean over real tokens and layers of logsumexp(logits)^2; keeps logits small."""
-    m = mask.to(torch.float32)
-    total = sum((lg.logsumexp(-1).square() * m).sum() for lg in logits)
-    return total / (m.sum() * len(logits)).clamp(min=1)
+def router_z_loss(records: list[RouterRecord]) -> torch.Tensor:
+    """ST-MoE z-loss: mean over real rows and layers of logsumexp(logits)^2; keeps logits small."""
+    total = sum((r.out.logits.logsumexp(-1).square() * _m(r)).sum() for r in records)
+    return total / sum(_m(r).sum() for r in records).clamp(min=1)
 
 
-def domain_routing_loss(logits: list[torch.Tensor], token_domain: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the router toward expert[domain] for tokens of labelled examples (domain >= 0).
+def domain_routing_loss(records: list[RouterRecord]) -> torch.Tensor:
+    """Cross-entropy of each router toward expert[domain], for rows of labelled conversations; averaged over
+    labelled rows and layers, zero (with a graph) when the batch has none."""
+    total, count = 0.0, 0.0
+    for r in records:
+        labelled = (r.domain >= 0) & r.mask
+        ce = F.cross_entropy(r.out.logits, r.domain.clamp(min=0), reduction="none")
+        total = total + (ce * labelled).sum()
+        count = count + labelled.sum()
+    return total / torch.as_tensor(count).clamp(min=1)
 
-    Averaged over labelled tokens and layers; zero (with a graph) when the batch has no labelled token.
-    """
-    labelled = token_domain >= 0
-    target = token_domain.clamp(min=0)
-    total = sum((F.cross_entropy(lg, target, reduction="none") * labelled).sum() for lg in logits)
-    return total / (labelled.sum() * len(logits)).clamp(min=1)
+
+def entropy_loss(records: list[RouterRecord]) -> torch.Tensor:
+    """Mean per-row entropy of the routing distribution: the dynamic router's penalty (otherwise spreading
+    probability mass switches on every expert)."""
+    total = sum((_entropy(r.out.probs) * _m(r)).sum() for r in records)
+    return total / sum(_m(r).sum() for r in records).clamp(min=1)
+
+
+def loramoe_loss(records: list[RouterRecord], num_experts: int, delta: float) -> torch.Tensor:
+    """LoRAMoE localized balancing: Q[n, i] = sum of expert i's probability over conversation n's rows;
+    I[n, i] = 1 + delta for the conversation's domain expert, 1 - delta for the others (1 if unlabelled);
+    loss = Var(I*Q) / Mean(I*Q)^2, averaged over layers. It balances load within the experts a domain is
+    steered toward, rather than across all of them."""
+    losses = []
+    for r in records:
+        seg = torch.where(r.mask, r.segments, r.num_segments)  # padding rows to a discarded extra segment
+        q = torch.zeros(r.num_segments + 1, num_experts, device=seg.device).index_add(0, seg, r.out.probs)[:-1]
+        seg_domain = torch.full((r.num_segments + 1,), -1, device=seg.device, dtype=r.domain.dtype)
+        seg_domain = seg_domain.scatter_reduce(0, seg, r.domain, reduce="amax")[:-1]
+        own = F.one_hot(seg_domain.clamp(min=0), num_experts).bool() & (seg_domain >= 0).unsqueeze(-1)
+        importance = torch.where(seg_domain.unsqueeze(-1) >= 0, torch.where(own, 1 + delta, 1 - delta), 1.0)
+        iq = importance * q
+        losses.append(iq.var() / iq.mean().square().clamp(min=1e-12))
+    return torch.stack(losses).mean()
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
 
 
 @torch.no_grad()
-def routing_stats(logits: torch.Tensor, indices: torch.Tensor, num_experts: int, mask: torch.Tensor) -> dict:
-    """One layer's load fraction per expert (sums to 1) and mean per-token routing entropy (nats)."""
-    m = mask.to(torch.float32)
-    counts = _counts(indices, num_experts, m)
-    p = logits.float().softmax(-1)
-    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
+def routing_counts(r: RouterRecord, num_experts: int) -> dict[str, torch.Tensor]:
+    """Additive sums for one layer (so validation can accumulate them over batches)."""
+    m = _m(r)
+    active = (r.out.gates > 0).float() * m.unsqueeze(-1)
     return {
-        "load": counts / counts.sum().clamp(min=1),
-        "entropy": (entropy * m).sum() / m.sum().clamp(min=1),
+        "rows": m.sum(),
+        "load": active.sum(0),  # rows each expert processed
+        "selected": (r.out.selected.float() * m.unsqueeze(-1)).sum(0),
+        "entropy": (_entropy(r.out.probs) * m).sum(),
+        "active": active.sum(),
+        "dropped": (r.out.dropped.float() * m).sum() if r.out.dropped is not None else torch.zeros((), device=m.device),
     }
 
 
 @torch.no_grad()
-def domain_expert_counts(
-    indices: torch.Tensor, token_domain: torch.Tensor, num_domains: int, num_experts: int
-) -> torch.Tensor:
-    """(num_domains, E) counts of (token, slot) assignments, for tokens of labelled examples."""
-    labelled = token_domain >= 0
-    flat = (token_domain.clamp(min=0).unsqueeze(-1) * num_experts + indices).reshape(-1)
-    w = labelled.to(torch.float32).unsqueeze(-1).expand_as(indices).reshape(-1)
-    out = torch.zeros(num_domains * num_experts, device=indices.device).scatter_add_(0, flat, w)
-    return out.view(num_domains, num_experts)
+def routing_metrics(c: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """Per-layer metrics from routing_counts sums.
+
+    load: fraction of expert slots each expert processed; cv: coefficient of variation of those loads;
+    maxvio: (max load - mean) / mean; entropy: mean per-row routing entropy (nats); effective_experts:
+    exp(entropy) / E; dead_fraction: experts that processed nothing; active_experts: mean experts per row
+    (dynamic routers); dropped_fraction: rows that lost an expert to capacity (Switch)."""
+    rows = c["rows"].clamp(min=1)
+    load = c["load"] / c["load"].sum().clamp(min=1)
+    mean = load.mean()
+    entropy = c["entropy"] / rows
+    return {
+        "load": load,
+        "cv": load.std(unbiased=False) / mean,
+        "maxvio": (load.max() - mean) / mean,
+        "entropy": entropy,
+        "effective_experts": entropy.exp() / num_experts,
+        "dead_fraction": (c["load"] == 0).float().mean(),
+        "active_experts": c["active"] / rows,
+        "dropped_fraction": c["dropped"] / rows,
+    }
+
+
+@torch.no_grad()
+def domain_expert_weight(r: RouterRecord, num_domains: int, num_experts: int) -> torch.Tensor:
+    """(num_domains, E) routing weight each domain's rows gave each expert (gates, normalised per row so
+    top-k's several experts share one unit of weight)."""
+    labelled = (r.domain >= 0) & r.mask
+    w = r.out.gates.float() / r.out.gates.float().sum(-1, keepdim=True).clamp(min=1e-12)
+    w = w * labelled.unsqueeze(-1)
+    return torch.zeros(num_domains, num_experts, device=w.device).index_add(0, r.domain.clamp(min=0), w)
