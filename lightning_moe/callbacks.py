@@ -164,7 +164,7 @@ class ExpertUsageMonitor(Callback):
             "measure": "share of each domain's routing weight (gates normalised per token) per expert",
             "all_layers": norm(total),
             "per_layer": {f"layer{k}": norm(v) for k, v in per_layer.items()},
-            "tokens_per_domain": total.sum(-1).round().tolist(),
+            "tokens_per_domain": (total.sum(-1) / max(len(per_layer), 1)).round().tolist(),
         }
 
     def _write(self, trainer, report: dict) -> None:

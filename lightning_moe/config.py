@@ -53,6 +53,7 @@ class DataConfig:
     split_seed: int = 42
     max_length: int = 2048
     overlong: str = "truncate"  # truncate: keep the first max_length tokens; drop: skip the conversation
+    on_error: str = "raise"  # a bad row: raise (name file, line, problem) | skip (count per reason, report)
     packing: bool = False  # padding-free: a micro-batch becomes one row, attention kept inside each example
     batch_size: int = 4
     num_workers: int = 0
@@ -109,6 +110,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.01  # Switch/Mixtral load balancing over all MoE layers
     z_loss_coef: float = 0.001  # ST-MoE router z-loss
     domain_loss_coef: float = 0.1  # pulls a labelled conversation's rows toward expert[domain]
+    domain_loss_balance: bool = False  # weight domains by the inverse of their share of the training data
     loramoe_coef: float = 0.0  # LoRAMoE localized balancing...
     loramoe_delta: float = 0.1  # ...with importance 1 +/- delta
     entropy_coef: float = 0.0  # routing-entropy penalty (dynamic routing)
@@ -204,6 +206,7 @@ def validate_config(cfg: DictConfig) -> Sections:
     _check(0.0 < d.val_fraction < 1.0 or bool(d.val_files), "data.val_fraction", "must be in (0, 1)")
     _check(d.max_length >= 16, "data.max_length", f"{d.max_length} is too small (>= 16)")
     _check(d.overlong in ("truncate", "drop"), "data.overlong", f"'{d.overlong}' is not one of truncate, drop")
+    _check(d.on_error in ("raise", "skip"), "data.on_error", f"'{d.on_error}' is not one of raise, skip")
     _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
 

@@ -46,6 +46,7 @@ class MoELoRAModule(pl.LightningModule):
         self.flops: FlopCounts | None = None
         self.flops_per_batch = 0  # read by Lightning's ThroughputMonitor after every batch
         self.last_records: list[RouterRecord] = []  # the last batch's routing, for ExpertUsageMonitor
+        self.domain_weights: torch.Tensor | None = None  # moe.domain_loss_balance: per-domain weights
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -72,6 +73,18 @@ class MoELoRAModule(pl.LightningModule):
                                        for m in self.model.modules()),
         }
 
+    def setup(self, stage: str) -> None:
+        """With moe.domain_loss_balance, weight each domain by total / (D * count) of the training
+        conversations (the DataModule has counted them by now), so every domain pulls equally overall."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if not self.sections.moe.domain_loss_balance or dm is None or "train" not in getattr(dm, "stats", {}):
+            return
+        counts = torch.tensor([float(dm.stats["train"]["by_domain"].get(d, 0)) for d in self.sections.domains])
+        present = counts > 0
+        weights = torch.zeros_like(counts)
+        weights[present] = counts[present].sum() / (present.sum() * counts[present])
+        self.domain_weights = weights
+
     # ---- forward and losses -------------------------------------------------------------------------
     def _forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         attn = batch.get("attention_mask")
@@ -82,6 +95,7 @@ class MoELoRAModule(pl.LightningModule):
             segments=batch["segment_ids"].reshape(-1),
             num_segments=batch["num_examples"],
             segment_domain=batch["example_domain"],
+            pool_mask=batch["prompt_mask"].reshape(-1),
             packed="position_ids" in batch,
         )
         out = self.model(
@@ -104,7 +118,7 @@ class MoELoRAModule(pl.LightningModule):
         terms = {  # name: (coefficient, loss); computed for logging even when a coefficient is 0
             "aux_loss": (moe.aux_loss_coef, load_balancing_loss(records, moe.num_experts)),
             "z_loss": (moe.z_loss_coef, router_z_loss(records)),
-            "domain_loss": (moe.domain_loss_coef, domain_routing_loss(records)),
+            "domain_loss": (moe.domain_loss_coef, domain_routing_loss(records, self.domain_weights)),
             "entropy_loss": (moe.entropy_coef, entropy_loss(records)),
         }
         if moe.loramoe_coef > 0:

@@ -108,12 +108,14 @@ def test_sweep_runs_every_combination_and_tables_them(tmp_path):
 
 def test_ddp_on_two_cpu_processes_writes_one_run_dir(tmp_path):
     run_dir = tmp_path / "runs" / "ddp"
-    out = run_train(f"hydra.run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2", *FAST, timeout=300)
+    out = run_train(f"hydra.run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2", "moe=deepseek", *FAST,
+                    timeout=300)  # deepseek: the aux-loss-free bias step sums loads across the two ranks
     assert out.returncode == 0, out.stdout[-3000:]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["ddp"]
     s = read_summary(run_dir)
     assert s["world_size"] == 2 and s["global_step"] == 4 and s["stop_reason"] == "max_steps"
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert any(abs(b) > 0 for layer in s["routing"].values() for b in layer["bias"])
 
 
 @pytest.mark.skipif(not COUNSEL_CHAT_CSV.is_file(), reason="../shared/datasets/counsel_chat is not beside the repo")

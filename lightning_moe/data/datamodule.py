@@ -11,7 +11,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from lightning_moe.config import DataConfig
 from lightning_moe.data.chat import ChatRenderer
 from lightning_moe.data.collate import ChatCollator
-from lightning_moe.data.formats import read_many
+from lightning_moe.data.formats import DataError, read_many, read_stats
 
 COLUMNS = ["input_ids", "labels", "domain_id"]
 
@@ -55,16 +55,21 @@ class ChatDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train = read_many(self.cfg.train_files, self.domains)
+        # accounting: rows read = kept + skipped (per reason); kept = conversations of train + val, each of
+        # which is either kept or dropped (per reason) by _tokenise
+        train, reports = read_many(self.cfg.train_files, self.domains, self.cfg.on_error)
+        val = None
         if self.cfg.val_files:
-            val = read_many(self.cfg.val_files, self.domains)
-        else:  # deterministic: the same seed and files give the same split on every machine and rank
+            val, val_reports = read_many(self.cfg.val_files, self.domains, self.cfg.on_error)
+            reports += val_reports
+        self.stats["read"] = read_stats(reports)
+        if val is None:  # deterministic: the same seed and files give the same split on every machine and rank
             parts = train.train_test_split(test_size=self.cfg.val_fraction, seed=self.cfg.split_seed, shuffle=True)
             train, val = parts["train"], parts["test"]
         self.train_set = self._tokenise(train, "train")
         self.val_set = self._tokenise(val, "val")
         if len(self.train_set) == 0:
-            raise ValueError(f"no trainable conversations left in {self.cfg.train_files}: {self.stats['train']}")
+            raise DataError(f"no trainable conversations left in {self.cfg.train_files}: {self.stats['train']}")
 
     def _loader(self, ds, shuffle: bool) -> StatefulDataLoader:
         return StatefulDataLoader(

@@ -1,80 +1,209 @@
-"""Read conversation files with `datasets` and normalise them to one schema.
+"""Read conversation files, check every record, and load the good ones into a `datasets.Dataset`.
 
 Accepted, per record (JSON array or JSON Lines):
   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "domain": str (optional)}
   {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...], "domain": ...}   (ShareGPT)
 Output columns: messages (role/content), domain_id (index into the domain list, -1 if unlabelled).
-A record that cannot be used raises DataError naming the file, the row and the problem: nothing is dropped
-silently.
+
+The file is parsed here rather than by `datasets.load_dataset("json")` so that every problem can be pinned to
+its place in the file: `<path>: row <N>: <problem>`. Row N is, for JSON Lines, physical line N of the file
+(1-based, so an editor's go-to-line finds it; blank lines are not records and are skipped, but still count as
+lines); for a JSON array, the N-th element (1-based). Columns are 1-based too.
+
+A bad record either stops the read with DataError (on_error="raise", the default) or, with on_error="skip",
+is left out and counted under a short reason key (REASONS); the counts are logged once per file and returned
+in a FileReport, which the DataModule puts into summary.json. Nothing is dropped silently. A JSON array that
+is not valid UTF-8 or not valid JSON always raises: it is one value, so no single row can be skipped.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 
 from lightning_moe.paths import resolve_path
 
+log = logging.getLogger(__name__)
+
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ON_ERROR = ("raise", "skip")
+REASONS = (  # the keys skipped rows are counted under
+    "not_utf8", "malformed_json", "not_an_object", "no_messages", "empty_conversation", "bad_turn", "unknown_role",
+    "bad_content_type", "empty_content", "system_not_first", "no_assistant_turn", "unknown_domain",
+)
+FEATURES = datasets.Features({
+    "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+    "domain_id": datasets.Value("int64"),
+})
+BOM = b"\xef\xbb\xbf"  # editors on Windows often write one; it is not part of the data
+MAX_EXAMPLES = 3  # bad rows quoted in the log per file
 
 
 class DataError(ValueError):
     """A data file or row that cannot be used; the message says which and why."""
 
 
-def _normalise(record: dict, where: str, domains: list[str]) -> dict:
+class _BadRow(Exception):
+    """One unusable record: `reason` is a REASONS key, the message is the problem in words."""
+
+    def __init__(self, reason: str, problem: str):
+        super().__init__(problem)
+        self.reason = reason
+
+
+@dataclass
+class FileReport:
+    """What reading one file found: records (non-blank lines or array elements), kept, and skipped by reason."""
+
+    path: str
+    rows: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"rows": self.rows, "kept": self.kept, "skipped": dict(self.skipped)}
+
+
+def _normalise(record, domains: list[str]) -> dict:
+    if not isinstance(record, dict):
+        raise _BadRow("not_an_object", f"not a JSON object (got {type(record).__name__})")
     if record.get("messages") is not None:
-        turns = [(m.get("role"), m.get("content")) for m in record["messages"]]
-        role_map = {r: r for r in ROLES}
+        key, role_key, content_key, role_map = "messages", "role", "content", {r: r for r in ROLES}
     elif record.get("conversations") is not None:
-        turns = [(m.get("from"), m.get("value")) for m in record["conversations"]]
-        role_map = SHAREGPT_ROLES
+        key, role_key, content_key, role_map = "conversations", "from", "value", SHAREGPT_ROLES
     else:
-        raise DataError(f"{where}: no 'messages' (or ShareGPT 'conversations') list")
+        raise _BadRow("no_messages", "no 'messages' (or ShareGPT 'conversations') list")
+    turns = record[key]
+    if not isinstance(turns, list):
+        raise _BadRow("no_messages", f"'{key}' is not a list (got {type(turns).__name__})")
     if not turns:
-        raise DataError(f"{where}: the conversation is empty")
+        raise _BadRow("empty_conversation", "the conversation is empty")
     messages = []
-    for i, (role, content) in enumerate(turns):
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _BadRow("bad_turn", f"turn {i} is not an object (got {type(turn).__name__})")
+        role, content = turn.get(role_key), turn.get(content_key)
         if role not in role_map:
-            raise DataError(f"{where}: turn {i} has unknown role {role!r} (allowed: {', '.join(role_map)})")
-        if not isinstance(content, str) or not content.strip():
-            raise DataError(f"{where}: turn {i} ({role}) has empty content")
+            raise _BadRow("unknown_role", f"turn {i} has unknown role {role!r} (allowed: {', '.join(role_map)})")
+        if not isinstance(content, str):
+            got = type(content).__name__
+            raise _BadRow("bad_content_type", f"turn {i} ({role}) content is not a string (got {got})")
+        if not content.strip():
+            raise _BadRow("empty_content", f"turn {i} ({role}) has empty content")
         if role_map[role] == "system" and i != 0:
-            raise DataError(f"{where}: turn {i} is a system turn; only the first turn may be")
+            raise _BadRow("system_not_first", f"turn {i} is a system turn; only the first turn may be")
         messages.append({"role": role_map[role], "content": content})
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant turn, so there is nothing to train on")
+        raise _BadRow("no_assistant_turn", "no assistant turn, so there is nothing to train on")
     domain = record.get("domain")
     if domain is None or domain == "":
         domain_id = -1
-    elif domain in domains:
+    elif isinstance(domain, str) and domain in domains:
         domain_id = domains.index(domain)
     else:
-        raise DataError(f"{where}: unknown domain {domain!r} (known: {', '.join(domains) or 'none configured'})")
+        raise _BadRow("unknown_domain", f"unknown domain {domain!r} (known: {', '.join(domains) or 'none configured'})")
     return {"messages": messages, "domain_id": domain_id}
 
 
-def read_conversations(path: str | Path, domains: list[str]) -> datasets.Dataset:
-    """One file -> Dataset(messages, domain_id)."""
+def _jsonl_records(data: bytes):
+    """(line number, value or _BadRow) per non-blank line: a bad line is reported, never ends the file."""
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():  # blank lines (e.g. the final newline) are layout, not records
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield n, _BadRow("not_utf8", f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})")
+            continue
+        try:
+            yield n, json.loads(text)
+        except json.JSONDecodeError as e:
+            yield n, _BadRow("malformed_json", f"malformed JSON: {e.msg} at column {e.colno}")
+
+
+def _array_records(data: bytes, path: str):
+    """(element number, value) for a JSON array; the whole file is one value, so its errors always raise."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}: not UTF-8 (byte 0x{data[e.start]:02x} at line {line}, column {column})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    return enumerate(value, 1)
+
+
+def _existing(path: str | Path) -> Path:
     file = resolve_path(path)
     if not file.is_file():
         hint = " (files in data/generated/ are written by scripts/convert_*.py)" if "generated" in file.parts else ""
         raise DataError(f"{path}: file not found (looked at {file}){hint}")
-    try:
-        raw = datasets.load_dataset("json", data_files=str(file), split="train")
-    except Exception as e:  # datasets wraps JSON errors in several exception types
-        raise DataError(f"{file}: cannot be read as JSON or JSON Lines: {e}") from e
-    if "messages" not in raw.column_names and "conversations" not in raw.column_names:
-        raise DataError(f"{file}: has neither a 'messages' nor a 'conversations' field (columns: {raw.column_names})")
-    return raw.map(
-        lambda rec, i: _normalise(rec, f"{file.name}: row {i + 1}", domains),
-        with_indices=True,
-        remove_columns=raw.column_names,
-        desc=f"reading {file.name}",
-    )
+    return file
 
 
-def read_many(paths: list[str], domains: list[str]) -> datasets.Dataset:
-    return datasets.concatenate_datasets([read_conversations(p, domains) for p in paths])
+def read_file(path: str | Path, domains: list[str], on_error: str = "raise") -> tuple[datasets.Dataset, FileReport]:
+    """One file -> (Dataset(messages, domain_id) of its good records, what was read and skipped)."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error={on_error!r} is not one of {', '.join(ON_ERROR)}")
+    file = _existing(path)
+    data = file.read_bytes().removeprefix(BOM)
+    # A .json file may hold either layout; the first character tells which (JSON Lines never starts with '[').
+    is_array = file.suffix != ".jsonl" and re.match(rb"\s*\[", data) is not None
+    records = _array_records(data, str(path)) if is_array else _jsonl_records(data)
+    report, rows = FileReport(str(path)), []
+    for n, value in records:
+        report.rows += 1
+        try:
+            if isinstance(value, _BadRow):
+                raise value
+            rows.append(_normalise(value, domains))
+        except _BadRow as bad:
+            if on_error == "raise":
+                raise DataError(f"{path}: row {n}: {bad}") from None
+            report.skipped[bad.reason] += 1
+            if len(report.examples) < MAX_EXAMPLES:
+                report.examples.append(f"row {n}: {bad}")
+    report.kept = len(rows)
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items()))
+    if report.rows == 0:
+        raise DataError(f"no conversations in {path} (it is empty, blank, or an empty array)")
+    if not rows:
+        raise DataError(f"{path}: all {report.rows} rows are unusable, nothing to train on ({counts}); "
+                        f"e.g. {'; '.join(report.examples)}")
+    if report.skipped:
+        log.warning("%s: skipped %d of %d rows (%s), e.g. %s", path, report.rows - report.kept, report.rows,
+                    counts, "; ".join(report.examples))
+    return datasets.Dataset.from_list(rows, features=FEATURES), report
+
+
+def read_conversations(path: str | Path, domains: list[str], on_error: str = "raise") -> datasets.Dataset:
+    """One file -> Dataset(messages, domain_id); see read_file for the counts of what was skipped."""
+    return read_file(path, domains, on_error)[0]
+
+
+def read_many(paths: list[str], domains: list[str], on_error: str = "raise") -> tuple[datasets.Dataset, list]:
+    """Several files -> one Dataset, and one FileReport per file (in order)."""
+    parts = [read_file(p, domains, on_error) for p in paths]
+    return datasets.concatenate_datasets([ds for ds, _ in parts]), [r for _, r in parts]
+
+
+def read_stats(reports: list[FileReport]) -> dict:
+    """The `read` section of summary.json's data stats: rows == kept + sum(skipped), in total and per file."""
+    skipped = sum((r.skipped for r in reports), Counter())
+    return {
+        "rows": sum(r.rows for r in reports),
+        "kept": sum(r.kept for r in reports),
+        "skipped": dict(sorted(skipped.items())),
+        "files": {r.path: r.as_dict() for r in reports},
+    }

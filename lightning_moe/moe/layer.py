@@ -4,9 +4,10 @@
     lora:      y = MLP_{W + sum_e g_e B_e A_e}(x)      [+ shared(x)]
     upcycled:  y = sum_e g_e(x) MLP_e(x)               [+ shared(x)]
 
-Token-level routing decides per token; sequence-level routing decides once per conversation from its
-mean hidden state (natural for domain experts: a conversation has one domain) and applies that decision
-to all of its tokens.
+Token-level routing decides per token; sequence-level routing decides once per conversation from the mean
+hidden state of its opening prompt (the tokens before the first assistant turn) and applies that decision
+to all of its tokens. Natural for domain experts (a conversation has one domain), and causal-safe: at
+inference the whole prompt exists before generation starts, so training and generation route alike.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ class RouterRecord:
     segments: torch.Tensor  # (R,) conversation index per row (-1 padding), for per-sample losses
     num_segments: int
     router: Router
+    # the token view (= the row view for token-level routing): what each token was dispatched to, for load
+    # and domain metrics that count tokens whatever the routing level
+    token_gates: torch.Tensor | None = None  # (T, E)
+    token_mask: torch.Tensor | None = None
+    token_domain: torch.Tensor | None = None
 
 
 @dataclass
@@ -51,27 +57,31 @@ class RoutingContext:
     segments: torch.Tensor | None = None  # (T,) long, -1 for padding
     num_segments: int | None = None
     segment_domain: torch.Tensor | None = None  # (num_segments,) long
+    pool_mask: torch.Tensor | None = None  # (T,) bool: the tokens sequence-level routing pools (the prompt)
     packed: bool = False
 
     def start(self, token_mask=None, token_domain=None, segments=None, num_segments=None, segment_domain=None,
-              packed=False) -> None:
+              pool_mask=None, packed=False) -> None:
         self.records.clear()
         self.recording = True
         self.token_mask, self.token_domain, self.segments = token_mask, token_domain, segments
         self.num_segments, self.segment_domain, self.packed = num_segments, segment_domain, packed
+        self.pool_mask = pool_mask
 
     def stop(self) -> list[RouterRecord]:
         self.recording = False
         return list(self.records)
 
     def metadata(self, batch: int, seq: int, device) -> tuple:
-        """(mask, domain, segments, num_segments, segment_domain), defaulted when the module set none."""
+        """(mask, domain, segments, num_segments, segment_domain, pool_mask), defaulted when the module set
+        none (then every token is real and pooled, and each batch row is one conversation)."""
         t = batch * seq
         if self.token_mask is not None and self.token_mask.numel() == t:
-            return self.token_mask, self.token_domain, self.segments, self.num_segments, self.segment_domain
+            pool = self.pool_mask if self.pool_mask is not None else self.token_mask
+            return self.token_mask, self.token_domain, self.segments, self.num_segments, self.segment_domain, pool
         ones = torch.ones(t, dtype=torch.bool, device=device)
         rows = torch.arange(batch, device=device).repeat_interleave(seq)
-        return ones, torch.full((t,), -1, device=device), rows, batch, torch.full((batch,), -1, device=device)
+        return ones, torch.full((t,), -1, device=device), rows, batch, torch.full((batch,), -1, device=device), ones
 
 
 def segment_mean(x: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -102,9 +112,10 @@ class MoEBlock(nn.Module):
         batch, seq = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
         flat = x.reshape(-1, x.shape[-1])
         ctx = self.context
-        mask, domain, segments, num_segments, segment_domain = ctx.metadata(batch, seq, x.device)
+        mask, domain, segments, num_segments, segment_domain, pool = ctx.metadata(batch, seq, x.device)
         if self.level == "sequence":
-            out = self.router(segment_mean(flat, segments, num_segments), torch.ones(num_segments, dtype=torch.bool, device=x.device))
+            pooled = segment_mean(flat, torch.where(pool, segments, -1), num_segments)
+            out = self.router(pooled, torch.ones(num_segments, dtype=torch.bool, device=x.device))
             gates = out.gates[segments.clamp(min=0)] * mask.unsqueeze(-1)
             rows = (torch.ones_like(segment_domain, dtype=torch.bool), segment_domain, torch.arange(num_segments, device=x.device))
         else:
@@ -118,7 +129,7 @@ class MoEBlock(nn.Module):
         if self.shared is not None:
             y = y + self.shared(flat)
         if ctx.recording:
-            ctx.records.append(RouterRecord(self.layer_idx, out, *rows, num_segments, self.router))
+            ctx.records.append(RouterRecord(self.layer_idx, out, *rows, num_segments, self.router, gates, mask, domain))
         y = y.view_as(x)
         return y if self.mlp is None else self.mlp(x, *args, **kwargs) + y
 

@@ -36,16 +36,19 @@ def router_z_loss(records: list[RouterRecord]) -> torch.Tensor:
     return total / sum(_m(r).sum() for r in records).clamp(min=1)
 
 
-def domain_routing_loss(records: list[RouterRecord]) -> torch.Tensor:
+def domain_routing_loss(records: list[RouterRecord], class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of each router toward expert[domain], for rows of labelled conversations; averaged over
-    labelled rows and layers, zero (with a graph) when the batch has none."""
+    labelled rows and layers, zero (with a graph) when the batch has none. `class_weights` (per domain)
+    weight each row, e.g. inversely to its domain's share of the data so a rare domain pulls as hard."""
     total, count = 0.0, 0.0
     for r in records:
-        labelled = (r.domain >= 0) & r.mask
+        labelled = ((r.domain >= 0) & r.mask).float()
+        if class_weights is not None:
+            labelled = labelled * class_weights.to(labelled.device)[r.domain.clamp(min=0)]
         ce = F.cross_entropy(r.out.logits, r.domain.clamp(min=0), reduction="none")
         total = total + (ce * labelled).sum()
         count = count + labelled.sum()
-    return total / torch.as_tensor(count).clamp(min=1)
+    return total / torch.as_tensor(count).clamp(min=1e-6)
 
 
 def entropy_loss(records: list[RouterRecord]) -> torch.Tensor:
@@ -79,16 +82,20 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def routing_counts(r: RouterRecord, num_experts: int) -> dict[str, torch.Tensor]:
-    """Additive sums for one layer (so validation can accumulate them over batches)."""
+    """Additive sums for one layer (so validation can accumulate them over batches). Load, active experts
+    and drops count tokens (the token view); entropy counts the router's rows (tokens or conversations)."""
     m = _m(r)
-    active = (r.out.gates > 0).float() * m.unsqueeze(-1)
+    tm = r.token_mask.float() if r.token_mask is not None else m
+    gates = r.token_gates if r.token_gates is not None else r.out.gates
+    active = (gates > 0).float() * tm.unsqueeze(-1)
+    dropped = (r.out.dropped.float() * m).sum() if r.out.dropped is not None else torch.zeros((), device=m.device)
     return {
         "rows": m.sum(),
-        "load": active.sum(0),  # rows each expert processed
-        "selected": (r.out.selected.float() * m.unsqueeze(-1)).sum(0),
+        "tokens": tm.sum(),
+        "load": active.sum(0),  # tokens each expert processed
         "entropy": (_entropy(r.out.probs) * m).sum(),
         "active": active.sum(),
-        "dropped": (r.out.dropped.float() * m).sum() if r.out.dropped is not None else torch.zeros((), device=m.device),
+        "dropped": dropped,
     }
 
 
@@ -100,7 +107,7 @@ def routing_metrics(c: dict[str, torch.Tensor], num_experts: int) -> dict[str, t
     maxvio: (max load - mean) / mean; entropy: mean per-row routing entropy (nats); effective_experts:
     exp(entropy) / E; dead_fraction: experts that processed nothing; active_experts: mean experts per row
     (dynamic routers); dropped_fraction: rows that lost an expert to capacity (Switch)."""
-    rows = c["rows"].clamp(min=1)
+    rows, tokens = c["rows"].clamp(min=1), c["tokens"].clamp(min=1)
     load = c["load"] / c["load"].sum().clamp(min=1)
     mean = load.mean()
     entropy = c["entropy"] / rows
@@ -111,16 +118,17 @@ def routing_metrics(c: dict[str, torch.Tensor], num_experts: int) -> dict[str, t
         "entropy": entropy,
         "effective_experts": entropy.exp() / num_experts,
         "dead_fraction": (c["load"] == 0).float().mean(),
-        "active_experts": c["active"] / rows,
+        "active_experts": c["active"] / tokens,
         "dropped_fraction": c["dropped"] / rows,
     }
 
 
 @torch.no_grad()
 def domain_expert_weight(r: RouterRecord, num_domains: int, num_experts: int) -> torch.Tensor:
-    """(num_domains, E) routing weight each domain's rows gave each expert (gates, normalised per row so
+    """(num_domains, E) routing weight each domain's tokens gave each expert (gates normalised per token, so
     top-k's several experts share one unit of weight)."""
-    labelled = (r.domain >= 0) & r.mask
-    w = r.out.gates.float() / r.out.gates.float().sum(-1, keepdim=True).clamp(min=1e-12)
-    w = w * labelled.unsqueeze(-1)
-    return torch.zeros(num_domains, num_experts, device=w.device).index_add(0, r.domain.clamp(min=0), w)
+    gates = (r.token_gates if r.token_gates is not None else r.out.gates).float()
+    domain = r.token_domain if r.token_domain is not None else r.domain
+    mask = r.token_mask if r.token_mask is not None else r.mask
+    w = gates / gates.sum(-1, keepdim=True).clamp(min=1e-12) * ((domain >= 0) & mask).unsqueeze(-1)
+    return torch.zeros(num_domains, num_experts, device=w.device).index_add(0, domain.clamp(min=0), w)

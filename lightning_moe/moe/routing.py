@@ -103,8 +103,10 @@ class SwitchRouter(Router):
 
 
 class ExpertChoiceRouter(Router):
-    """Expert choice (Zhou et al. 2022): each expert picks its top-c tokens, c = capacity_factor * S / E,
-    among the real tokens of one sequence.
+    """Expert choice (Zhou et al. 2022): each expert picks its top-c tokens, c = ceil(capacity_factor * n / E)
+    for a sequence of n real tokens, among that sequence's real tokens (so capacity_factor experts per token
+    on average). Shapes stay static: the top-c of the padded length is taken, and ranks past a sequence's own
+    c are dropped.
 
     Causal-LM caveat: an expert's choice at position t depends on later tokens of the same sequence, which
     do not exist when generating. Training routes by the whole sequence; generation has to route each new
@@ -123,9 +125,13 @@ class ExpertChoiceRouter(Router):
         probs = logits.softmax(-1)
         seq = probs.view(-1, rows_per_seq, self.num_experts)  # (B, S, E)
         m = mask.view(-1, rows_per_seq, 1)
-        c = max(1, min(rows_per_seq, math.ceil(self.capacity_factor * rows_per_seq / self.num_experts)))
-        top, idx = seq.masked_fill(~m, -1.0).topk(c, dim=1)  # (B, c, E): each expert's tokens
-        chosen = torch.zeros_like(seq).scatter(1, idx, (top >= 0).to(seq.dtype)).bool() & m
+        c_max = max(1, min(rows_per_seq, math.ceil(self.capacity_factor * rows_per_seq / self.num_experts)))
+        n = m.sum(1, keepdim=True)  # (B, 1, 1) real tokens per sequence
+        c = torch.ceil(self.capacity_factor * n / self.num_experts).clamp(max=n)
+        top, idx = seq.masked_fill(~m, -1.0).topk(c_max, dim=1)  # (B, c_max, E): each expert's best tokens
+        rank = torch.arange(c_max, device=x.device).view(1, -1, 1)
+        keep = (rank < c) & (top >= 0)
+        chosen = torch.zeros_like(seq).scatter(1, idx, keep.to(seq.dtype)).bool() & m
         gates = (seq * chosen).view(-1, self.num_experts)
         selected = chosen.view(-1, self.num_experts)
         return RouterOutput(logits, probs, gates, selected)
