@@ -123,3 +123,11 @@ def test_trainer_callbacks_and_loggers_instantiate(tmp_path):
     loggers = [instantiate(c) for c in cfg.logger.values()]
     assert {type(lg).__name__ for lg in loggers} == {"CSVLogger", "TensorBoardLogger"}
     OmegaConf.to_yaml(cfg)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("moe", sorted(p.stem for p in (REPO / "conf" / "moe").glob("*.yaml")))
+def test_every_moe_config_composes_with_the_12b_recipe(moe):
+    s = validate_config(compose(["+recipe=therapeutic_h100", f"moe={moe}"]))
+    assert s.model.name_or_path == "LatitudeGames/Wayfarer-2-12B"
+    if s.moe.enabled:
+        assert resolve_moe_layers(s.moe, 40)

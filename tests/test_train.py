@@ -137,6 +137,8 @@ def test_wandb_is_offline_without_a_key_and_packing_trains(tmp_path):
     out = run_train(f"hydra.run.dir={run_dir}", "logger=wandb", "data.packing=true", *FAST, timeout=180)
     assert out.returncode == 0, out.stdout[-3000:]
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb did not write an offline run"
+    # the domain x expert heatmap goes to wandb as an image when wandb is on
+    assert list((run_dir / "wandb").glob("offline-run-*/files/media/images/val_routing/domain_expert_matrix*.png"))
     s = read_summary(run_dir)
     assert s["stop_reason"] == "max_steps" and s["tokens_per_s"] > 0
 
