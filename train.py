@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from lightning_moe.config import ConfigError, validate_config
 
 EXIT_SIGTERM = 143  # 128 + SIGTERM: schedulers (Lightning jobs, SLURM) read it as "preempted, retry"
+EXIT_CONFIG = 2
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -20,25 +21,60 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    single_run = HydraConfig.get().mode == RunMode.RUN
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return _trial(cfg)
     try:
         validate_config(cfg)  # before torch is imported: a bad override costs a second, not a model load
+        summary = _run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    if summary["stop_reason"] == "sigterm":
+        sys.exit(EXIT_SIGTERM)
+    return summary.get("best_val_loss")
+
+
+def _run(cfg: DictConfig) -> dict:
+    from lightning_moe.modeling import WeightsUnavailable
+    from lightning_moe.prechecks import check_before_weights
+
+    try:
+        # what needs the architecture but no weights, before Lightning/datasets/peft are even imported
+        model_config = check_before_weights(cfg, validate_config(cfg))
         from lightning_moe.data import DataError
-        from lightning_moe.modeling import WeightsUnavailable
         from lightning_moe.pipeline import run
 
         try:
-            summary = run(cfg)
-        except (DataError, WeightsUnavailable) as e:
+            return run(cfg, model_config)
+        except DataError as e:
             raise ConfigError(str(e)) from e
-    except ConfigError as e:
-        if not single_run:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if summary["stop_reason"] == "sigterm" and single_run:
-        sys.exit(EXIT_SIGTERM)
-    return summary.get("best_val_loss")  # what a sweeper (e.g. Optuna) minimises
+    except WeightsUnavailable as e:
+        raise ConfigError(str(e)) from e
+
+
+def _trial(cfg: DictConfig) -> float | None:
+    """One trial of a sweep: whatever goes wrong is written to the trial's summary.json (stop_reason error)
+    and the sweep goes on; the sweep table shows it. Returns the best validation loss for the sweeper (None
+    for a failed or diverged trial, which an Optuna sweeper records as failed)."""
+    import logging
+    import math
+
+    try:
+        validate_config(cfg)
+        summary = _run(cfg)
+    except Exception as e:  # noqa: BLE001  a sweep must survive any one trial
+        from pathlib import Path
+
+        from hydra.core.hydra_config import HydraConfig
+
+        from lightning_moe.summary import write_summary
+
+        logging.getLogger("train").error("trial failed: %s: %s", type(e).__name__, e)
+        write_summary(Path(HydraConfig.get().runtime.output_dir),
+                      {"stop_reason": "error", "error": f"{type(e).__name__}: {e}", "global_step": 0})
+        return None
+    best = summary.get("best_val_loss")
+    return best if summary["stop_reason"] != "non_finite" and best is not None and math.isfinite(best) else None
 
 
 if __name__ == "__main__":

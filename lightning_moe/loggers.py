@@ -1,10 +1,36 @@
-"""Logger factories for the cases Lightning's constructors leave to the user."""
+"""Loggers: Lightning's, extended where a resumed run or an offline machine needs more."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger as _CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts; this one keeps it and appends."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = list(next(csv.reader(f), []))
+
+
+class CSVLogger(_CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run appends to <save_dir>/<name>/metrics.csv instead of
+    wiping the interrupted run's history. (After a hard kill, steps between the last checkpoint and the kill
+    appear twice; the later rows are the resumed run's.)"""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def wandb_logger(save_dir: str, project: str = "lightning-moe", name: str | None = None, **kwargs):

@@ -1,8 +1,11 @@
-"""`run(cfg)`: validate -> find the model -> data -> module -> Lightning objects from config -> fit -> summary.
+"""`run(cfg)`: validate -> find the model -> check what needs its shape -> data -> module -> Lightning objects
+from config -> fit (resuming from the run directory) -> export -> summary.
 
-The order puts every cheap check before anything large: config schema, then the model's architecture
-(a missing download fails here in seconds), then data (bad rows fail in DataModule.setup, which Lightning
-calls before configure_model loads the weights).
+Every cheap check comes before anything large: the config schema (before torch is imported, in train.py),
+then the model's architecture (a missing download fails here in seconds), then what needs the model's
+module names or the device (LoRA targets on a weightless meta-device copy, bf16 support), then the resume
+checkpoint's base model, then data (bad rows fail in DataModule.setup, which Lightning calls before
+configure_model loads the weights).
 """
 
 from __future__ import annotations
@@ -20,17 +23,20 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_moe.config import resolve_moe_layers, validate_config
+from lightning_moe.config import validate_config
 from lightning_moe.data.datamodule import ChatDataModule
-from lightning_moe.modeling import load_tokenizer, resolve_model_config
+from lightning_moe.export import export_trainable
+from lightning_moe.modeling import load_tokenizer
+from lightning_moe.prechecks import check_before_weights
 from lightning_moe.module import MoELoRAModule
+from lightning_moe.redact import redact
+from lightning_moe.resume import AtomicCheckpointIO, check_base_model, find_resume_checkpoint
 from lightning_moe.summary import build_summary, stop_reason, write_summary
 
 log = logging.getLogger(__name__)
 
-
 # Third-party deprecation notices a user of this repository cannot act on.
-_NOISE = (".*set_vital.*", ".*LeafSpec.*", ".*is_gradient_checkpointing.*", ".*litlogger.*")
+_NOISE = (".*set_vital.*", ".*LeafSpec.*", ".*is_gradient_checkpointing.*", ".*gradient_checkpointing_enable.*")
 
 
 def _quiet_logging() -> None:
@@ -43,7 +49,7 @@ def _quiet_logging() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def _in_multirun() -> bool:
+def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
@@ -52,13 +58,8 @@ def _instantiate_all(section: DictConfig | None) -> list:
     return [instantiate(c) for c in (section or {}).values() if c is not None]
 
 
-def _resume_path(run_dir: Path) -> str | None:
-    """'last' when the run directory has a checkpoint to continue from, for Lightning to pick the newest."""
-    ckpts = run_dir / "checkpoints"
-    return "last" if ckpts.is_dir() and any(ckpts.glob("*.ckpt")) else None
-
-
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, model_config=None) -> dict:
+    """Train; `model_config` is the architecture config if train.py's pre-checks already resolved it."""
     started = time.monotonic()
     _quiet_logging()
     sections = validate_config(cfg)
@@ -67,40 +68,42 @@ def run(cfg: DictConfig) -> dict:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (router, loss) on tensor cores
 
-    model_config = resolve_model_config(sections.model)
-    if sections.moe.enabled:
-        resolve_moe_layers(sections.moe, model_config.num_hidden_layers)
+    model_config = model_config or check_before_weights(cfg, sections)
+    resume = find_resume_checkpoint(run_dir / "checkpoints") if cfg.get("resume", True) else None
+    if resume:
+        check_base_model(resume, sections.model, model_config)
+        log.info("resuming from %s", resume)
     tokenizer = load_tokenizer(sections.model, sections.data.chat_template)
     datamodule = ChatDataModule(sections.data, tokenizer, sections.domains)
     module = MoELoRAModule(sections, model_config, vocab_size=len(tokenizer))
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                      plugins=[AtomicCheckpointIO()])
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        OmegaConf.save(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))), run_dir / "config.yaml")
 
-    resume = _resume_path(run_dir) if cfg.get("resume", True) else None
-    if resume:
-        log.info("resuming from the newest checkpoint in %s", run_dir / "checkpoints")
     error: BaseException | None = None
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     except SIGTERMException:
         pass  # the on-exception checkpoint is written; stop_reason says sigterm and train.py exits 143
     except Exception as e:  # recorded in summary.json, then re-raised (or kept, inside a sweep)
         error = e
 
-    reason = stop_reason(trainer, error)
-    extra = {"run_dir": str(run_dir), "resumed": resume is not None}
+    reason = stop_reason(trainer, module, error)
+    extra = {"run_dir": str(run_dir), "resumed_from": str(resume) if resume else None}
     if error is not None:
         extra["error"] = f"{type(error).__name__}: {error}"
-    summary = build_summary(trainer, module, datamodule, reason, started, extra)
+    if reason not in ("error", "sigterm") and module.model is not None and trainer.is_global_zero:
+        extra["export"] = str(export_trainable(module, run_dir / "export"))
+    summary = redact(build_summary(trainer, module, datamodule, reason, started, extra))
     if trainer.is_global_zero:
         path = write_summary(run_dir, summary)
         log.info("stop_reason=%s global_step=%s -> %s", reason, summary["global_step"], path)
-    if error is not None and not _in_multirun():
+    if error is not None and not in_multirun():
         raise error
     if error is not None:
         log.error("trial failed (%s); the sweep goes on", summary["error"])

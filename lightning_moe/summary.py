@@ -13,19 +13,24 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, Timer
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
+from lightning_moe.budget import Budget
 from lightning_moe.callbacks import ExpertUsageMonitor, ModelCheckpoint, RunStats
 from lightning_moe.flops import dense_peak_flops
 
-# stop_reason values (MOE_TRAINING_GUIDE.md explains each)
-STOP_REASONS = ("max_steps", "max_epochs", "time_budget", "early_stopping", "sigterm", "error")
+# stop_reason values (MOE_TRAINING_GUIDE.md, "When things go wrong", explains each)
+STOP_REASONS = ("max_steps", "max_epochs", "time_budget", "early_stopping", "non_finite", "sigterm", "error")
 
 
-def stop_reason(trainer: pl.Trainer, error: BaseException | None) -> str:
+def stop_reason(trainer: pl.Trainer, module, error: BaseException | None) -> str:
     if trainer.received_sigterm:
         return "sigterm"
     if error is not None:
         return "error"
+    if getattr(module, "nonfinite_stop", False):
+        return "non_finite"
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if isinstance(timer, Budget) and timer.stopped:
+        return "time_budget"
     if timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
         return "time_budget"
     for es in (c for c in trainer.callbacks if isinstance(c, EarlyStopping)):
@@ -63,6 +68,9 @@ def build_summary(trainer: pl.Trainer, module, datamodule, reason: str, started:
     val = usage.val_report if usage and usage.val_report else {}
     train_routing = usage.train_report if usage else {}
     expert_load = val.get("expert_load") or {k: m["load"] for k, m in train_routing.items()}
+    budget = next((c.report() for c in trainer.callbacks if isinstance(c, Budget)), None)
+    if budget and budget["wall_start"] and last and Path(last).is_file():  # was the final save inside the budget?
+        budget["last_checkpoint_at_s"] = round(Path(last).stat().st_mtime - budget["wall_start"], 3)
     flops = getattr(module, "flops", None)
     device = trainer.strategy.root_device
     peak = dense_peak_flops(device, trainer.precision)
@@ -93,6 +101,8 @@ def build_summary(trainer: pl.Trainer, module, datamodule, reason: str, started:
         "active_expert_flops_vs_top_k": val.get("active_expert_flops_vs_top_k"),
         "domain_expert_matrix": val.get("domain_expert_matrix"),
         "model": module.describe(),
+        "nonfinite_steps_skipped": getattr(module, "nonfinite_steps", 0),
+        "budget": budget,
         "flops_per_token_at_1k": flops.per_token(1024) if flops else None,
         "data": getattr(datamodule, "stats", None),
         **extra,

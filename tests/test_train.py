@@ -81,7 +81,7 @@ def test_sigterm_saves_exits_143_and_the_same_command_resumes(tmp_path):
     out = run_train(*args)  # the very same command
     assert out.returncode == 0, out.stdout[-3000:]
     second = read_summary(run_dir)
-    assert second["resumed"] and second["stop_reason"] == "max_steps" and second["global_step"] == 30
+    assert second["resumed_from"] and second["stop_reason"] == "max_steps" and second["global_step"] == 30
     assert "Restored all states from the checkpoint" in out.stdout
     assert second["first_train_loss"] == first["first_train_loss"]  # carried over, not the restart's loss
 
