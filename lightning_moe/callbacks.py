@@ -1,7 +1,7 @@
 """Callbacks Lightning lacks: expert usage, the final-step checkpoint, and the run's numbers for summary.json.
 
-Budget (Timer via Trainer.max_time), periodic checkpoints, early stopping, LR and throughput monitoring are
-Lightning's own callbacks, configured in conf/callbacks/.
+Periodic checkpoints, early stopping, LR and throughput monitoring are Lightning's own callbacks (extended
+here where they fall short), configured in conf/callbacks/; the wall-clock budget is lightning_moe.budget.
 """
 
 from __future__ import annotations

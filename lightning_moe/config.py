@@ -128,6 +128,9 @@ class OptimConfig:
     scheduler: str = "cosine"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # floor of the cosine schedule as a fraction of lr
+    budget_aware_schedule: bool = False  # size the schedule from the wall-clock budget (callbacks.budget)
+    nonfinite: str = "skip"  # a NaN/Inf gradient: skip the step (up to max_nonfinite_skips, then stop) | stop
+    max_nonfinite_skips: int = 3
 
 
 @dataclass
@@ -273,6 +276,8 @@ def validate_config(cfg: DictConfig) -> Sections:
     _check(o.scheduler in SCHEDULERS, "optim.scheduler", f"'{o.scheduler}' is not one of {', '.join(SCHEDULERS)}")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(o.nonfinite in ("skip", "stop"), "optim.nonfinite", f"'{o.nonfinite}' is not one of skip, stop")
+    _check(o.max_nonfinite_skips >= 0, "optim.max_nonfinite_skips", "must be >= 0")
 
     tr = cfg.get("trainer") or {}
     acc = tr.get("accumulate_grad_batches", 1)

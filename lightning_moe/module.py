@@ -19,6 +19,9 @@ from transformers import PretrainedConfig
 from lightning_moe.config import Sections
 from lightning_moe.flops import FlopCounts, count_flops, nominal_active_experts
 from lightning_moe.modeling import build_model
+from lightning_moe.redact import redact
+from lightning_moe.resume import base_model_record
+from lightning_moe.schedules import WarmupDecay
 from lightning_moe.moe import DeepSeekRouter, RouterRecord, RoutingContext
 from lightning_moe.moe.losses import (
     domain_routing_loss,
@@ -35,10 +38,10 @@ class MoELoRAModule(pl.LightningModule):
     def __init__(self, sections: Sections, model_config: PretrainedConfig, vocab_size: int):
         super().__init__()
         self.sections, self.model_config, self.vocab_size = sections, model_config, vocab_size
-        self.save_hyperparameters(
+        self.save_hyperparameters(redact(  # sent to every logger (wandb config, hparams.yaml)
             {name: asdict(getattr(sections, name)) for name in ("model", "lora", "moe", "optim", "data")}
             | {"domains": sections.domains, "architecture": model_config.to_dict()}
-        )
+        ))
         self.strict_loading = False  # checkpoints carry trainable weights only; the frozen base comes from the hub
         self.routing = RoutingContext()
         self.model: torch.nn.Module | None = None
@@ -47,6 +50,9 @@ class MoELoRAModule(pl.LightningModule):
         self.flops_per_batch = 0  # read by Lightning's ThroughputMonitor after every batch
         self.last_records: list[RouterRecord] = []  # the last batch's routing, for ExpertUsageMonitor
         self.domain_weights: torch.Tensor | None = None  # moe.domain_loss_balance: per-domain weights
+        self.nonfinite_steps = 0  # optimizer steps skipped for NaN/Inf gradients
+        self.nonfinite_stop = False
+        self._pending_grads: dict | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -131,6 +137,13 @@ class MoELoRAModule(pl.LightningModule):
         active = [c * v for c, v in terms.values() if c > 0]
         return sum(active, torch.zeros((), device=records[0].out.logits.device))
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self._pending_grads:
+            params = dict(self.named_parameters())
+            for name, grad in self._pending_grads.items():
+                params[name].grad = grad.to(params[name].device)
+            self._pending_grads = None
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, parts = self._forward(batch)
         self.flops_per_batch = self.flops.per_batch(batch["num_tokens"], batch["attn_sq"])
@@ -151,12 +164,6 @@ class MoELoRAModule(pl.LightningModule):
 
     # ---- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self):
-        from transformers import (
-            get_constant_schedule_with_warmup,
-            get_cosine_with_min_lr_schedule_with_warmup,
-            get_linear_schedule_with_warmup,
-        )
-
         o = self.sections.optim
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [  # no decay on biases and other vectors
@@ -171,12 +178,8 @@ class MoELoRAModule(pl.LightningModule):
                 "optim.warmup_steps=%d >= the run's %d optimizer steps: the learning rate never reaches optim.lr=%g "
                 "(more data or epochs, or a shorter warm-up)", o.warmup_steps, total, o.lr,
             )
-        if o.scheduler == "cosine":
-            sched = get_cosine_with_min_lr_schedule_with_warmup(opt, o.warmup_steps, total, min_lr_rate=o.min_lr_ratio)
-        elif o.scheduler == "linear":
-            sched = get_linear_schedule_with_warmup(opt, o.warmup_steps, total)
-        else:
-            sched = get_constant_schedule_with_warmup(opt, o.warmup_steps)
+        factor = WarmupDecay(o.warmup_steps, total, o.scheduler, o.min_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -192,8 +195,10 @@ class MoELoRAModule(pl.LightningModule):
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Aux-loss-free balancing: once per optimizer step, from the loads of all its micro-batches summed
-        over data-parallel ranks, so every rank applies the same bias step."""
+        """Once per optimizer step, after all micro-batches' backward: the non-finite guard, then the
+        aux-loss-free bias step."""
+        if not self._gradients_finite(optimizer):
+            return
         moe = self.sections.moe
         if moe.bias_update_rate <= 0:
             return
@@ -201,6 +206,29 @@ class MoELoRAModule(pl.LightningModule):
             if isinstance(block.router, DeepSeekRouter):
                 load = self.trainer.strategy.reduce(block.router.pending_load.to(self.device), reduce_op="sum")
                 block.router.update_bias(load, moe.bias_update_rate, moe.bias_update_center)
+
+    def _gradients_finite(self, optimizer) -> bool:
+        """A NaN/Inf gradient (from a NaN loss or an overflow) must never reach the weights. One host sync per
+        optimizer step. On a bad step every gradient is set to None, so AdamW skips it entirely (no weight
+        decay, no moment update); after optim.max_nonfinite_skips such steps (or at the first, with
+        optim.nonfinite=stop) training stops with stop_reason non_finite."""
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        finite = bool(self.trainer.strategy.reduce(torch.tensor(float(finite), device=self.device), reduce_op="min"))
+        if finite:
+            return True
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.nonfinite_steps += 1
+        o = self.sections.optim
+        log.warning("non-finite gradient at step %d: step skipped (%d so far)", self.global_step, self.nonfinite_steps)
+        if o.nonfinite == "stop" or self.nonfinite_steps > o.max_nonfinite_skips:
+            self.nonfinite_stop = True
+            self.trainer.should_stop = True
+        return False
 
     # ---- checkpoints: trainable weights only --------------------------------------------------------
     def trainable_state_keys(self) -> set[str]:
@@ -215,13 +243,16 @@ class MoELoRAModule(pl.LightningModule):
         checkpoint["moe_pending_load"] = {
             b.layer_idx: b.router.pending_load.cpu() for b in self.moe_blocks if isinstance(b.router, DeepSeekRouter)
         }
-        checkpoint["base_model"] = {
-            "name_or_path": self.sections.model.name_or_path,
-            "init": self.sections.model.init,
-            "architecture": self.model_config.to_dict(),
-        }
+        checkpoint["base_model"] = base_model_record(self.sections.model, self.model_config)
+        # gradients accumulated so far in an unfinished accumulation window (a save between micro-batches,
+        # e.g. on SIGTERM): without them the resumed step would miss those micro-batches
+        checkpoint["partial_grads"] = {n: p.grad for n, p in self.named_parameters() if p.grad is not None}
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # applied at the first resumed batch: Lightning zeroes gradients between restoring and training
+        self._pending_grads = checkpoint.get("partial_grads") or None
+        self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
         pending = checkpoint.get("moe_pending_load", {})
         for block in self.moe_blocks:
             if block.layer_idx in pending:
