@@ -84,15 +84,27 @@ def resolve_model_config(m: ModelConfig) -> PretrainedConfig:
             raise _unavailable(m, f"{local} has no config.json")
         if not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
             raise _unavailable(m, f"{local} has no *.safetensors or *.bin weights")
-        return AutoConfig.from_pretrained(local, trust_remote_code=m.trust_remote_code)
+        return _config_from(local, m)
     if _cached_config(m.name_or_path, m.revision) is None:
         reason = _hub_unreachable_reason()
         if reason:
             raise _unavailable(m, f"it is not in the local Hugging Face cache and {reason}")
     try:
-        return AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        return _config_from(m.name_or_path, m)
     except OSError as e:
         raise _unavailable(m, str(e).splitlines()[0]) from e
+
+
+def _config_from(source, m: ModelConfig) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(source, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):  # the model ships its own Python code: never run it unasked
+            raise ConfigError(
+                f"model.trust_remote_code: '{m.name_or_path}' needs to run Python code from its repository; "
+                "set model.trust_remote_code=true only if you trust that code"
+            ) from None
+        raise
 
 
 def load_tokenizer(m: ModelConfig, chat_template: str | None = None):
@@ -194,19 +206,25 @@ def build_model(
     return model, blocks
 
 
+def missing_lora_targets(model: torch.nn.Module, lora: LoRAConfig) -> None:
+    """Raise ConfigError naming lora.target_modules if a target is not a module of `model`."""
+    if lora.target_modules == ["all-linear"]:
+        return
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in lora.target_modules if t not in leaf_names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
+        raise ConfigError(
+            f"lora.target_modules: {missing} not found in {type(model).__name__}; its linear layers are {linear} "
+            "(or use [all-linear])"
+        )
+
+
 def _apply_lora(model: torch.nn.Module, lora: LoRAConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    missing_lora_targets(model, lora)
     targets = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
-    if targets != "all-linear":
-        leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        missing = [t for t in targets if t not in leaf_names]
-        if missing:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
-            raise ConfigError(
-                f"lora.target_modules: {missing} not found in {type(model).__name__}; its linear layers are {linear} "
-                "(or use [all-linear])"
-            )
     peft_cfg = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

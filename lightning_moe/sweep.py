@@ -59,6 +59,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)  # e.g. for the Optuna sqlite storage
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
