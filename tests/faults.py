@@ -1,0 +1,50 @@
+"""Fault injection for the reliability tests: callbacks added to real train.py runs with
+`+callbacks.fault={_target_: faults.NAME, ...}` and PYTHONPATH=tests. Not part of the package."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+class SigtermAt(Callback):
+    """Send this process a real SIGTERM once: after training micro-batch `train_batch` (0-based, counted over
+    the run), or during the first batch of validation number `validation` (1-based). A marker file keeps the
+    resumed run from firing again."""
+
+    def __init__(self, marker: str, train_batch: int | None = None, validation: int | None = None):
+        self.marker, self.train_batch, self.validation = Path(marker), train_batch, validation
+        self._validations = 0
+
+    def _fire(self) -> None:
+        if not self.marker.exists():
+            self.marker.write_text("fired")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.train_batch is not None and trainer.fit_loop.total_batch_idx == self.train_batch:
+            self._fire()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._validations += 1
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.validation == self._validations and batch_idx == 0 and not trainer.sanity_checking:
+            self._fire()
+
+
+class NaNGradAt(Callback):
+    """Make a trainable gradient NaN after the backward of the given micro-batches (0-based, over the run)."""
+
+    def __init__(self, batches: list[int]):
+        self.batches = set(batches)
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.fit_loop.total_batch_idx in self.batches:
+            param = next(p for p in pl_module.parameters() if p.requires_grad and p.grad is not None)
+            param.grad.view(-1)[0] = math.nan

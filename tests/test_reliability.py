@@ -1,0 +1,277 @@
+"""Reliability promises, each proven by a fault injected into a real train.py run (tests/faults.py):
+exact resume after SIGTERM, budgets, checkpoint integrity, non-finite steps, bad configs, sweeps, secrets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, REPO, clean_env, read_summary, run_train, tiny_model
+
+from lightning_moe.prechecks import check_precision
+from lightning_moe.resume import AtomicCheckpointIO, find_resume_checkpoint
+
+FAULT_ENV = clean_env(PYTHONPATH=str(REPO / "tests"))
+# 16 micro-batches = 8 optimizer steps at accumulation 2; validation after micro-batch 9 (step 5); periodic
+# checkpoint every 3 steps; LoRA dropout on (so the RNG matters); DeepSeek routing (so the aux-free bias does)
+RESUME_ARGS = ["moe=deepseek", "trainer.max_steps=8", "trainer.accumulate_grad_batches=2", "data.batch_size=2",
+               "data.max_length=96", "trainer.val_check_interval=10", "trainer.limit_val_batches=2",
+               "trainer.log_every_n_steps=1", "lora.dropout=0.1", "callbacks.model_checkpoint.every_n_train_steps=3"]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return [float(r["train/lm_loss"]) for r in csv.DictReader(f) if r.get("train/lm_loss")]
+
+
+def _final(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    out = run_train(*RESUME_ARGS, f"hydra.run.dir={run_dir}")
+    assert out.returncode == 0, out.stdout[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("where", [
+    "train_batch=4",    # mid-accumulation: the first micro-batch of step 3's window is done
+    "train_batch=5",    # just after the periodic checkpoint at step 3
+    "validation=1",     # during the first validation
+])
+def test_sigterm_anywhere_then_resume_matches_an_uninterrupted_run(uninterrupted, tmp_path, where):
+    run_dir = tmp_path / "run"
+    fault = f"+callbacks.fault={{_target_: faults.SigtermAt, marker: {tmp_path}/fired, {where.replace('=', ': ')}}}"
+    args = [*RESUME_ARGS, fault, f"hydra.run.dir={run_dir}"]
+    first = run_train(*args, env=FAULT_ENV)
+    assert first.returncode == 143, first.stdout[-3000:]
+    assert read_summary(run_dir)["stop_reason"] == "sigterm"
+    used_before = _final(run_dir)["callbacks"]["Budget"]["time_elapsed"]["train"]
+    second = run_train(*args, env=FAULT_ENV)  # the same command
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert read_summary(run_dir)["resumed_from"]
+
+    expected, got = _losses(uninterrupted), _losses(run_dir)
+    assert len(got) == len(expected) == 8  # one per optimizer step
+    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5, (got, expected)
+    a, b = _final(uninterrupted), _final(run_dir)
+    assert a["global_step"] == b["global_step"] == 8
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:  # LoRA, routers, experts and the DeepSeek biases
+        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6, msg=k)
+    es = "EarlyStopping{'monitor': 'val/loss', 'mode': 'min'}"
+    assert b["callbacks"][es]["wait_count"] == a["callbacks"][es]["wait_count"]
+    assert float(b["callbacks"][es]["best_score"]) == pytest.approx(float(a["callbacks"][es]["best_score"]), abs=1e-5)
+    assert b["callbacks"]["Budget"]["time_elapsed"]["train"] > used_before  # budget time carried over
+
+
+def test_twenty_second_budget_stops_in_time_with_a_checkpoint_and_a_finished_schedule(tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_train("trainer.max_time=00:00:00:20", "trainer.max_steps=100000", "optim.budget_aware_schedule=true",
+                    "optim.warmup_steps=5", "callbacks.model_checkpoint.every_n_train_steps=100000",
+                    "trainer.val_check_interval=100000", "data.max_length=128", "trainer.log_every_n_steps=1",
+                    f"hydra.run.dir={run_dir}")
+    assert out.returncode == 0, out.stdout[-3000:]
+    s = read_summary(run_dir)
+    assert s["stop_reason"] == "time_budget" and s["budget"]["stopped_by_budget"]
+    assert s["budget"]["used_s"] <= 20 and s["budget"]["last_checkpoint_at_s"] <= 20, s["budget"]
+    assert _final(run_dir)["global_step"] == s["global_step"] > 5
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        lrs = [float(r["lr-AdamW/pg1"]) for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")]
+    assert max(lrs) == pytest.approx(2e-3, rel=0.1)
+    assert lrs[-1] < 0.15 * max(lrs), lrs[-5:]  # the cosine reached (near) its floor as the budget ended
+
+    # resuming with a larger budget extends it; the time already used counts
+    out = run_train("trainer.max_time=00:00:00:30", "trainer.max_steps=100000", "optim.budget_aware_schedule=true",
+                    "optim.warmup_steps=5", "callbacks.model_checkpoint.every_n_train_steps=100000",
+                    "trainer.val_check_interval=100000", "data.max_length=128", f"hydra.run.dir={run_dir}")
+    assert out.returncode == 0, out.stdout[-3000:]
+    t = read_summary(run_dir)
+    assert t["stop_reason"] == "time_budget" and t["global_step"] > s["global_step"]
+    assert s["budget"]["used_s"] < t["budget"]["used_s"] <= 30
+
+
+def test_used_up_budget_stops_at_once_unless_reset(tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["trainer.max_time=00:00:00:06", "trainer.max_steps=100000", "data.max_length=64",
+              "callbacks.model_checkpoint.every_n_train_steps=100000", "trainer.val_check_interval=100000",
+              f"hydra.run.dir={run_dir}"]
+    assert run_train(*common).returncode == 0
+    steps = read_summary(run_dir)["global_step"]
+    assert run_train(*common).returncode == 0
+    assert read_summary(run_dir)["global_step"] == steps  # nothing left: stops at once
+    assert run_train(*common, "callbacks.budget.reset_on_resume=true").returncode == 0
+    assert read_summary(run_dir)["global_step"] > steps  # a fresh budget
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    before = path.read_bytes()
+
+    class Explodes:
+        def __reduce__(self):
+            raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "global_step": 2, "x": Explodes()}, path)
+    assert path.read_bytes() == before
+    assert io.load_checkpoint(path)["global_step"] == 1  # and it loads with weights_only=True
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=4", *FAST[2:],
+            f"hydra.run.dir={run_dir}"]
+    assert run_train(*args).returncode == 0
+    ckpts = run_dir / "checkpoints"
+    (ckpts / "last.ckpt").write_bytes(b"not a checkpoint: the disk filled up")
+    (ckpts / ".last.ckpt.tmp999").write_bytes(b"half a file")
+    assert find_resume_checkpoint(ckpts).name == "step000004.ckpt"
+    out = run_train(*[a.replace("max_steps=6", "max_steps=8") for a in args])
+    assert out.returncode == 0, out.stdout[-3000:]
+    s = read_summary(run_dir)
+    assert s["resumed_from"].endswith("step000004.ckpt") and s["global_step"] == 8
+
+
+def test_resuming_onto_another_base_model_is_refused_before_weights_load(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_train("trainer.max_steps=2", *FAST[2:], f"hydra.run.dir={run_dir}").returncode == 0
+    assert _final(run_dir)["base_model"]["fingerprint"]
+    t0 = time.monotonic()
+    out = run_train("model.arch=tiny-llama", "trainer.max_steps=4", *FAST[2:], f"hydra.run.dir={run_dir}")
+    assert out.returncode == 2 and "was trained on base model 'tiny-mistral'" in out.stdout
+    assert time.monotonic() - t0 < 30
+
+
+def test_export_is_safetensors_and_reloads_to_the_same_model(tmp_path):
+    from transformers import AutoConfig
+
+    from lightning_moe.export import load_exported
+
+    base = tmp_path / "base"
+    tiny_model("tiny-mistral").save_pretrained(base)
+    run_dir = tmp_path / "run"
+    out = run_train(f"model.name_or_path={base}", "model.init=pretrained", "trainer.max_steps=3", *FAST[2:],
+                    f"hydra.run.dir={run_dir}")
+    assert out.returncode == 0, out.stdout[-3000:]
+    export = run_dir / "export"
+    assert (export / "trainable.safetensors").is_file() and (export / "export_config.json").is_file()
+    model, _ = load_exported(export, AutoConfig.from_pretrained(base), 2048)
+    ckpt = _final(run_dir)["state_dict"]
+    exported = dict(model.named_parameters())
+    for k, v in ckpt.items():  # every trained tensor came back, equal to the final checkpoint's
+        name = k.removeprefix("model.")
+        if name in exported:
+            torch.testing.assert_close(exported[name].detach(), v)
+    assert sum(1 for k in ckpt if k.removeprefix("model.") in exported) == sum(
+        1 for k in ckpt if not k.endswith("e_score_correction_bias"))
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_non_finite_gradients_are_skipped_then_stop_and_never_reach_checkpoints(tmp_path, policy):
+    run_dir = tmp_path / "run"
+    nan_batches = [3] if policy == "skip" else list(range(2, 100))
+    out = run_train("trainer.max_steps=8", *FAST[2:], f"optim.nonfinite={policy}", "optim.max_nonfinite_skips=2",
+                    f"+callbacks.fault={{_target_: faults.NaNGradAt, batches: {nan_batches}}}",
+                    f"hydra.run.dir={run_dir}", env=FAULT_ENV)
+    assert out.returncode == 0, out.stdout[-3000:]
+    s = read_summary(run_dir)
+    if policy == "skip":
+        assert s["stop_reason"] == "max_steps" and s["nonfinite_steps_skipped"] == 1
+    else:
+        assert s["stop_reason"] == "non_finite" and s["nonfinite_steps_skipped"] == 1
+    for path in (run_dir / "checkpoints").glob("*.ckpt"):
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), path
+
+
+@pytest.mark.parametrize("override, key", [
+    ("lora.target_modules=[wq,wk]", "lora.target_modules"),
+    ("moe.layers=[5,50]", "moe.layers"),
+    ("moe.top_k=5", "moe.top_k"),
+    ("moe.num_experts=3", "domains"),
+    ("trainer.max_time=12h", "trainer.max_time"),
+    ("moe.router=sinkhorn", "moe.router"),
+    ("moe.expert=giant", "moe.expert"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+])
+def test_bad_config_on_the_12b_recipe_fails_in_seconds_before_any_weights(tmp_path, override, key):
+    """On the 12B architecture with random init, loading anything would take minutes and 24 GB: finishing in
+    under 10 s proves the check ran before weights."""
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, str(REPO / "train.py"), "+recipe=therapeutic_h100", "model.init=random",
+                          override, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=clean_env(),
+                         capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert out.returncode != 0 and key in out.stderr, out.stderr[-2000:]
+    assert elapsed < 10, elapsed
+
+
+def test_bf16_on_a_gpu_without_it_is_refused():
+    from lightning_moe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.precision: bf16-mixed needs a GPU with bf16"):
+        check_precision("bf16-mixed", "gpu", cuda_available=True, bf16_supported=False)
+    check_precision("bf16-mixed", "gpu", cuda_available=True, bf16_supported=True)
+    check_precision("bf16-mixed", "cpu", cuda_available=False, bf16_supported=False)  # CPUs emulate bf16
+
+
+def test_sweep_records_failing_and_diverging_trials_and_finishes(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_train("-m", "optim.lr=1e-3,1e30", "moe.top_k=2,9", "optim.max_nonfinite_skips=1",
+                    f"hydra.sweep.dir={sweep}", *FAST, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:]
+    with open(sweep / "sweep_summary.csv") as f:
+        rows = {r["overrides"]: r for r in csv.DictReader(f)}
+    assert rows["optim.lr=0.001 moe.top_k=2"]["stop_reason"] == "max_steps"
+    assert rows["optim.lr=1e+30 moe.top_k=2"]["stop_reason"] == "non_finite"
+    bad = [r for k, r in rows.items() if "top_k=9" in k]
+    assert len(bad) == 2 and all(r["stop_reason"] == "error" and "moe.top_k" in r["error"] for r in bad)
+
+
+def test_optuna_sweep_resumes_its_study(tmp_path):
+    import optuna
+
+    args = ["-m", "+sweep=optuna", f"hydra.sweep.dir={tmp_path}/optuna", *FAST]
+    assert run_train(*args, "hydra.sweeper.n_trials=2", timeout=600).returncode == 0
+    out = run_train(*args, "hydra.sweeper.n_trials=1", timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna/optuna.db")
+    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+
+
+def test_secrets_never_reach_configs_logs_or_summary(tmp_path):
+    secrets = {"WANDB_API_KEY": "wk-SECRET-1234567890", "HF_TOKEN": "hf_SECRET_0987654321"}
+    run_dir = tmp_path / "run"
+    out = run_train("logger=wandb", "+notes.hf_token=${oc.env:HF_TOKEN}", "+notes.remark='token ${oc.env:HF_TOKEN}'",
+                    f"hydra.run.dir={run_dir}", *FAST, env=clean_env(WANDB_MODE="offline", **secrets))
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "SECRET" not in out.stdout
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files) and list(run_dir.glob("wandb/offline-run-*"))
+    for p in files:
+        data = p.read_bytes()
+        assert not any(v.encode() in data for v in secrets.values()), p
+
+
+def test_remote_code_is_not_run_unless_the_config_says_so(tmp_path):
+    model_dir = tmp_path / "remote"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "custom_remote", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}))
+    (model_dir / "configuration_custom.py").write_text(
+        "from transformers import PretrainedConfig\nclass CustomConfig(PretrainedConfig):\n    model_type = 'custom_remote'\n")
+    (model_dir / "model.safetensors").write_bytes(b"")
+    out = run_train(f"model.name_or_path={model_dir}", "model.init=pretrained", f"hydra.run.dir={tmp_path}/run")
+    assert out.returncode == 2 and "model.trust_remote_code" in out.stdout
