@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 
 from lightning_moe.config import Sections
 from lightning_moe.flops import FlopCounts, count_flops, nominal_active_experts
-from lightning_moe.modeling import build_model
+from lightning_moe.modeling import build_model, keep_lora_inputs_in_autocast_dtype
 from lightning_moe.redact import redact
 from lightning_moe.resume import base_model_record
 from lightning_moe.schedules import WarmupDecay
@@ -62,6 +62,8 @@ class MoELoRAModule(pl.LightningModule):
         self.model, self.moe_blocks = build_model(
             s.model, s.lora, s.moe, self.model_config, self.routing, self.vocab_size, device
         )
+        if self._trainer is not None and "mixed" in str(self.trainer.precision):
+            keep_lora_inputs_in_autocast_dtype(self.model)
         self.flops = count_flops(self.model, self.model_config, nominal_active_experts(s.moe))
 
     def describe(self) -> dict:

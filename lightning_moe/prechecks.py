@@ -49,4 +49,17 @@ def check_before_weights(cfg: DictConfig, sections: Sections) -> PretrainedConfi
     cuda = torch.cuda.is_available()
     check_precision(trainer.get("precision", "32-true"), str(trainer.get("accelerator", "auto")), cuda,
                     cuda and torch.cuda.is_bf16_supported())
+    if sections.model.liger_kernel:
+        check_liger(model_config.model_type, str(trainer.get("accelerator", "auto")), cuda)
     return model_config
+
+
+def check_liger(model_type: str, accelerator: str, cuda_available: bool) -> None:
+    """Liger's kernels are Triton: CUDA only, and written per model family."""
+    if accelerator == "cpu" or not cuda_available:
+        raise ConfigError("model.liger_kernel: Liger's Triton kernels need a CUDA GPU; set model.liger_kernel=false")
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ConfigError(f"model.liger_kernel: Liger has no kernels for model type '{model_type}' "
+                          f"(supported: {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); set it to false")

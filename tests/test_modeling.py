@@ -10,7 +10,12 @@ from conftest import REPO, clean_env, run_train, tiny_model
 
 from lightning_moe.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig
 from lightning_moe.flops import count_flops
-from lightning_moe.modeling import WeightsUnavailable, build_model, resolve_model_config
+from lightning_moe.modeling import (
+    WeightsUnavailable,
+    build_model,
+    keep_lora_inputs_in_autocast_dtype,
+    resolve_model_config,
+)
 from lightning_moe.moe import MoEBlock, RoutingContext
 
 WAYFARER = "LatitudeGames/Wayfarer-2-12B"
@@ -137,3 +142,26 @@ def test_moe_blocks_sit_in_the_peft_model():
     assert all(isinstance(b, MoEBlock) for b in blocks)
     names = [n for n, m in model.named_modules() if isinstance(m, MoEBlock)]
     assert names == ["base_model.model.model.layers.1.mlp", "base_model.model.model.layers.3.mlp"]
+
+
+def test_lora_inputs_stay_in_the_autocast_dtype_with_the_same_result():
+    """Skipping peft's float32 cast of LoRA inputs under bf16 autocast changes speed, not numbers: the
+    bf16 -> float32 -> bf16 round trip is exact, so loss and gradients are identical."""
+    def loss_and_grads(keep: bool):
+        torch.manual_seed(0)
+        model, _ = _build(lora=LoRAConfig(r=4, alpha=8, dropout=0.0), moe=MoEConfig(enabled=False), dtype="bfloat16")
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        if keep:
+            assert keep_lora_inputs_in_autocast_dtype(model) == 4 * 7
+        ids = torch.randint(4, 2048, (2, 24), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    (ref, ref_grads), (loss, grads) = loss_and_grads(False), loss_and_grads(True)
+    assert loss == ref
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=0, msg=name)

@@ -205,6 +205,7 @@ def test_non_finite_gradients_are_skipped_then_stop_and_never_reach_checkpoints(
     ("moe.expert=giant", "moe.expert"),
     ("data.batch_size=0", "data.batch_size"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+    ("trainer.accelerator=cpu", "model.liger_kernel"),  # Liger's kernels are Triton: CUDA only
 ])
 def test_bad_config_on_the_12b_recipe_fails_in_seconds_before_any_weights(tmp_path, override, key):
     """On the 12B architecture with random init, loading anything would take minutes and 24 GB: finishing in

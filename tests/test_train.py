@@ -171,7 +171,8 @@ def test_recipe_training_path_bf16_fused_adamw_clipping_checkpointing(tmp_path):
     clipping (which Lightning's mixed-precision plugin refuses on its own), activation checkpointing, workers."""
     run_dir = tmp_path / "run"
     out = run_train("+recipe=therapeutic_h100", "model.init=random", "model.arch=tiny-mistral", "moe.layers=[1,3]",
-                    "model.tokenizer=data/tokenizer", "data=sample", "data.max_length=64", "data.batch_size=2",
+                    "model.tokenizer=data/tokenizer", "model.liger_kernel=false", "model.gradient_checkpointing=true",
+                    "data=sample", "data.max_length=64", "data.batch_size=2",
                     "data.num_workers=2", "trainer.accelerator=cpu", "logger=csv", "trainer.max_steps=2",
                     "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
                     "trainer.num_sanity_val_steps=0", f"hydra.run.dir={run_dir}")  # bf16 is emulated (slow) on CPU

@@ -1,0 +1,254 @@
+"""Speed and memory of this project's training path against a plain transformers + PEFT loop, on one GPU.
+
+    python scripts/benchmark.py --out benchmarks/2026-11-23_h200                 # every variant (< 10 min, H200)
+    python scripts/benchmark.py --out /tmp/b --only plain,moe,nomoe
+    python scripts/benchmark.py --out /tmp/b --recipe none --arch tiny-mistral --seq 128 --only plain,moe   # CPU
+
+Variants, each in its own process (so each peak memory is its own), no download (random weights built from
+lightning_moe/architectures/, the bundled tokenizer):
+  plain        (a) a plain loop written here: transformers + PEFT, LoRA r16/alpha32 on all 7 projections,
+                   SDPA, bf16 weights, activation checkpointing, fused AdamW, batch 4 x seq random tokens
+  moe          (b) train.py +recipe=RECIPE model.init=random on synthetic conversations of >= seq tokens
+                   (truncated to seq, so every token is real), MoE on: the Trainer, callbacks and all
+  nomoe        (c) the same with moe=none
+  moe_ckpt_b4  (b) with activation checkpointing and micro-batch 4: the memory configuration
+  h200         (b) with +recipe=therapeutic_h200 (micro-batch 4, no checkpointing); h200_nomoe: MoE off
+  longest      (b) at batch 1 with checkpointing, for each --longest length until one does not fit
+  qlora        (b) with +recipe=therapeutic_qlora (nf4) at batch 1: the random model is saved once, then
+                   loaded in 4 bits the way pretrained weights are
+  real_padded  (b) on converted counsel-chat + ESConv (data/generated/, scripts/convert_*.py), padded
+  real_packed  (b) the same with padding-free packing (the recipe's default): 2 conversations a micro-batch;
+               real_packed_h200: therapeutic_h200's 4; real_packed_b8: 8 (accumulation 4)
+Tokens/s counts real (non-padding) tokens; MFU is model FLOPs (lightning_moe/flops.py, MOE_TRAINING_GUIDE.md)
+over the dense bf16 peak; peak memory is torch.cuda.max_memory_allocated. Writes OUT/results.json (+ one JSON
+and one log per variant) and prints a table with each variant's ratio to (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+VARIANTS = ["plain", "moe", "nomoe", "moe_ckpt_b4", "h200", "h200_nomoe", "longest", "qlora", "real_padded",
+            "real_packed", "real_packed_h200", "real_packed_b8"]
+REAL_DATA = ["data/generated/counsel_chat.jsonl", "data/generated/esconv.jsonl"]
+
+
+def architecture_config(arch: str):
+    from lightning_moe.config import ModelConfig
+    from lightning_moe.modeling import resolve_model_config
+
+    return resolve_model_config(ModelConfig(init="random", arch=arch))
+
+
+# ---- (a) the plain transformers + PEFT loop ------------------------------------------------------------
+def plain_loop(arch: str, seq: int, batch: int, warmup: int, steps: int, device: str, out: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lightning_moe.flops import count_flops, dense_peak_flops
+
+    config = architecture_config(arch)
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    with dev:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
+    flops = count_flops(model, config).per_batch(batch * seq, batch * seq * seq)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)  # as StepTimer: the training peak
+
+    def step() -> None:
+        ids = torch.randint(0, config.vocab_size, (batch, seq), device=dev, generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    seconds = time.perf_counter() - t0
+    peak = dense_peak_flops(dev, "bf16-true")
+    out.write_text(json.dumps({
+        "tokens_per_s": batch * seq * steps / seconds,
+        "mfu": flops * steps / seconds / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+        "micro_batches": steps, "real_tokens": batch * seq * steps, "model_flops": flops * steps, "seconds": seconds,
+        "micro_batch_size": batch, "trainable_params": sum(p.numel() for p in params),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    }, indent=2))
+
+
+def save_random(arch: str, path: Path) -> None:
+    """A random bf16 model saved like a downloaded one, so 4-bit loading quantises it the usual way."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(architecture_config(arch), dtype=torch.bfloat16)
+    model.save_pretrained(path)
+
+
+# ---- (b), (c): the real path ------------------------------------------------------------------------------
+def synthetic_conversations(path: Path, rows: int, tokens: int, seed: int = 0) -> Path:
+    """Chat rows of random lowercase words, long enough that every row is truncated to `tokens` (the
+    bundled tokenizer splits a random word into ~3 tokens): all tokens of every micro-batch are real."""
+    rng = random.Random(seed)
+    words = lambda n: " ".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 8)))  # noqa: E731
+                               for _ in range(n))
+    domains = ["psychology", "mental_health", "bias_detection", "general_therapeutic"]
+    with open(path, "w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"domain": domains[i % 4], "messages": [
+                {"role": "user", "content": words(tokens // 12)},
+                {"role": "assistant", "content": words(tokens // 2)}]}) + "\n")
+    return path
+
+
+def train_args(name: str, a, out: Path) -> list[str] | None:
+    recipe = [] if a.recipe == "none" else [f"+recipe={a.recipe}", "model.init=random"]
+    seq, warmup, micro = a.seq, a.warmup, a.micro_batches
+    extra: list[str] = []
+    data = None
+    if name == "nomoe":
+        extra = ["moe=none"]
+    elif name == "moe_ckpt_b4":
+        extra = ["model.gradient_checkpointing=true", "data.batch_size=4"]
+    elif name in ("h200", "h200_nomoe"):
+        recipe = ["+recipe=therapeutic_h200", "model.init=random"] + (["moe=none"] if name == "h200_nomoe" else [])
+    elif name.startswith("longest_"):
+        seq = int(name.split("_")[1])
+        extra, warmup, micro = ["model.gradient_checkpointing=true", "data.batch_size=1"], 1, 1  # ~1 min/step
+        data = synthetic_conversations(out / f"synthetic_{seq}.jsonl", 8, seq)
+    elif name == "qlora":
+        model_dir = a.scratch / f"random-{a.arch}"  # 24 GB for the 12B: not beside the results
+        if not (model_dir / "config.json").exists():
+            subprocess.run([sys.executable, __file__, "--_save-random", str(model_dir), "--arch", a.arch], check=True)
+        recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={model_dir}", "model.tokenizer=data/tokenizer",
+                  "model.gradient_checkpointing=true", "data.batch_size=1"]
+    elif name.startswith("real_"):
+        if name == "real_packed_h200":
+            recipe = ["+recipe=therapeutic_h200", "model.init=random"]
+        missing = [f for f in REAL_DATA if not (REPO / f).exists()]
+        if missing:
+            print(f"skipping {name}: {missing} missing (scripts/convert_counsel_chat.py, convert_esconv.py)")
+            return None
+        extra = [f"data.train_files=[{','.join(REAL_DATA)}]", f"data.packing={name != 'real_padded'}"]
+        if name == "real_packed_b8":
+            extra += ["data.batch_size=8", "trainer.accumulate_grad_batches=4"]
+    if data is None and not name.startswith("real_"):
+        data = synthetic_conversations(out / f"synthetic_{seq}.jsonl", 64, seq)
+    if data is not None:
+        extra = [f"data.train_files=[{data}]", "data.val_files=[]", "data.val_fraction=0.1", *extra]
+    return [sys.executable, str(REPO / "train.py"), *recipe, "logger=csv", f"data.max_length={seq}",
+            "data.num_workers=2", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+            "trainer.max_steps=100000", "resume=false", f"hydra.run.dir={out / name}",
+            f"+callbacks.bench={{_target_: lightning_moe.bench.StepTimer, out: {out / name}.json, "
+            f"warmup: {warmup}, steps: {micro}, profile: {a.profile}}}", *extra, *a.override]
+
+
+# ---- driver -----------------------------------------------------------------------------------------------
+def run_variant(name: str, a, out: Path) -> dict:
+    if name == "plain":
+        cmd = [sys.executable, __file__, "--_plain", "--arch", a.arch, "--seq", str(a.seq), "--device", a.device,
+               "--warmup", str(a.warmup), "--micro-batches", str(a.plain_steps), "--out", str(out)]
+    else:
+        cmd = train_args(name, a, out)
+        if cmd is None:
+            return {"status": "skipped"}
+    (out / f"{name}.json").unlink(missing_ok=True)
+    t0 = time.monotonic()
+    with open(out / f"{name}.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout,
+                              env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    text = (out / f"{name}.log").read_text(errors="replace")
+    result = {"command": " ".join(cmd[1:]), "wall_s": round(time.monotonic() - t0, 1)}
+    if (out / f"{name}.json").exists():
+        return result | {"status": "ok"} | json.loads((out / f"{name}.json").read_text())
+    oom = "OutOfMemoryError" in text or "out of memory" in text
+    result["status"] = "out_of_memory" if oom else f"failed (exit {proc.returncode})"
+    if not oom:
+        print(f"--- {name} failed; the end of {out / name}.log:\n" + "\n".join(text.splitlines()[-25:]))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="results directory (required)")
+    p.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
+    p.add_argument("--recipe", default="therapeutic_h100", help="'none': the tiny default (CPU smoke test)")
+    p.add_argument("--arch", default="mistral-nemo-12b")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--warmup", type=int, default=3, help="micro-batches before timing")
+    p.add_argument("--micro-batches", type=int, default=16, help="timed micro-batches per variant")
+    p.add_argument("--plain-steps", type=int, default=6, help="timed steps of the plain loop")
+    p.add_argument("--longest", default="65536,131072", help="batch-1 lengths to try, in increasing order")
+    p.add_argument("--timeout", type=int, default=420, help="seconds per variant")
+    p.add_argument("--scratch", type=Path, default=Path("/tmp/lightning_moe_benchmark"),
+                   help="where qlora saves the random model it loads in 4 bits")
+    p.add_argument("--profile", action="store_true", help="also write OUT/VARIANT.profile.txt (torch.profiler)")
+    p.add_argument("--override", nargs="*", default=[], help="extra train.py overrides for every variant")
+    p.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_save-random", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a._plain:
+        return plain_loop(a.arch, a.seq, 4, a.warmup, a.micro_batches, a.device, a.out / "plain.json")
+    if a._save_random:
+        return save_random(a.arch, a._save_random)
+    if a.out is None:
+        p.error("--out is required")
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    for name in a.only.split(","):
+        if name == "longest":
+            for length in (int(x) for x in a.longest.split(",")):
+                results[f"longest_{length}"] = r = run_variant(f"longest_{length}", a, a.out)
+                print(f"longest_{length}: {r['status']} ({r.get('wall_s', 0)} s)", flush=True)
+                (a.out / "results.json").write_text(json.dumps(results, indent=2))
+                if r["status"] != "ok":
+                    break
+            continue
+        results[name] = run_variant(name, a, a.out)
+        print(f"{name}: {results[name]['status']} ({results[name].get('wall_s', 0)} s)", flush=True)
+        (a.out / "results.json").write_text(json.dumps(results, indent=2))  # after each: a timeout keeps the rest
+    print_table(results)
+
+
+def print_table(results: dict[str, dict]) -> None:
+    base = results.get("plain", {}).get("tokens_per_s")
+    print(f"\n{'variant':16} {'status':14} {'batch':>5} {'tokens/s':>9} {'vs (a)':>7} {'MFU':>6} {'peak GiB':>8}")
+    for name, r in results.items():
+        tps = r.get("tokens_per_s")
+        ratio = f"{tps / base:.2f}x" if tps and base else ""
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else ""
+        mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else ""
+        print(f"{name:16} {r['status'][:14]:14} {r.get('micro_batch_size', ''):>5} "
+              f"{f'{tps:,.0f}' if tps else '':>9} {ratio:>7} {mfu:>6} {mem:>8}")
+
+
+if __name__ == "__main__":
+    main()

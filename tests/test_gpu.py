@@ -1,0 +1,56 @@
+"""What only a CUDA GPU can check: Liger's Triton kernels (model.liger_kernel) change speed, not results.
+Skipped on CPU (CI); run on the GPU machine: `python -m pytest tests/test_gpu.py`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import read_summary, run_train
+
+from lightning_moe.config import LoRAConfig, ModelConfig, MoEConfig
+from lightning_moe.modeling import build_model, resolve_model_config
+from lightning_moe.moe import RoutingContext
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _loss_and_grads(liger: bool, ids: torch.Tensor, labels: torch.Tensor):
+    torch.manual_seed(0)
+    cfg = resolve_model_config(ModelConfig(init="random", arch="tiny-mistral"))
+    m = ModelConfig(init="random", arch="tiny-mistral", liger_kernel=liger)
+    model, _ = build_model(m, LoRAConfig(r=8, alpha=16), MoEConfig(enabled=False), cfg, RoutingContext(),
+                           vocab_size=2048, device=torch.device("cuda"))
+    for name, p in model.named_parameters():  # LoRA B starts at 0: give it values so every gradient is non-trivial
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator("cuda").manual_seed(len(name)))
+    model.train()
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_liger_kernels_give_the_same_loss_and_lora_gradients():
+    gen = torch.Generator("cuda").manual_seed(1)
+    ids = torch.randint(4, 2048, (2, 96), device="cuda", generator=gen)
+    labels = ids.clone()
+    labels[:, :40] = -100  # prompt tokens masked, as in chat training
+    ref_loss, ref_grads = _loss_and_grads(False, ids, labels)
+    loss, grads = _loss_and_grads(True, ids, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_the_recipe_trains_on_the_gpu_with_liger_and_moe(tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_train("+recipe=therapeutic_h100", "model.init=random", "model.arch=tiny-mistral", "moe.layers=[1,3]",
+                    "model.tokenizer=data/tokenizer", "data=sample", "data.max_length=256", "logger=csv",
+                    "trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=4",
+                    "trainer.limit_val_batches=2", f"hydra.run.dir={run_dir}", timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:]
+    s = read_summary(run_dir)
+    assert s["stop_reason"] == "max_steps" and s["global_step"] == 4 and s["model"]["moe_layers"] == [1, 3]
+    assert math.isfinite(s["train_loss"]) and math.isfinite(s["val_loss"])
