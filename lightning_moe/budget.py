@@ -23,6 +23,8 @@ class Budget(Timer):
       optimizer step (the slowest of the last 20) + the validation Lightning runs when a run is stopped + the
       final checkpoints' writes, each measured (until they have been: validation from the step time, the
       write from the checkpoint's size);
+    - the measured step and validation times are saved in checkpoints, so a run resumed without room for
+      one more step stops before taking one;
     - `reset_on_resume=true` starts a resumed run with the full budget again (a larger trainer.max_time
       extends it without a reset);
     - `schedule=true` sizes the LR schedule from the measured step time, so a run that the budget ends has its
@@ -48,10 +50,21 @@ class Budget(Timer):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self.wall_start = time.time() - self.time_elapsed()
+        # resumed with the step time measured before: no room for one more step means no step at all
+        if self._duration is not None and self._step_times and not self.stopped:
+            step = statistics.median(self._step_times)
+            end = self.reserve + self._final_validation_seconds(trainer, step) + self._save_seconds(trainer, pl_module)
+            if self._duration - self.time_elapsed() < end + max(self._step_times):
+                self.stopped = trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"step_times": list(self._step_times), "val_seconds": self._val_seconds}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not self.reset_on_resume:
             super().load_state_dict(state_dict)
+            self._step_times.extend(state_dict.get("step_times", []))
+            self._val_seconds = state_dict.get("val_seconds")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._duration is None:
