@@ -1,7 +1,7 @@
 """Learning-rate schedules as LambdaLR factors whose length can change while training.
 
 transformers' schedules close over a fixed total step count. A budget-limited run does not know it in
-advance: `lightning_moe.callbacks.Budget` re-estimates how many steps fit in the remaining time and sets
+advance: `lightning_moe.budget.Budget` re-estimates how many steps fit in the remaining time and sets
 `total` here, so the cosine reaches its floor as the budget ends instead of being cut mid-decay. The
 factor is a plain object, so LambdaLR's state_dict saves `total` and a resumed run continues the curve.
 """

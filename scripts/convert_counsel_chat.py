@@ -8,20 +8,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a fresh clone without installing
 
-try:
-    from lightning_moe.converters.counsel_chat import ConversionError, convert_counsel_chat, write_text_atomic
-except ModuleNotFoundError as exc:
-    # Run from a fresh clone without installing: put the repo root on the path.
-    if not (exc.name or "").startswith("lightning_moe"):
-        raise
-    sys.path.insert(0, str(REPO))
-    from lightning_moe.converters.counsel_chat import ConversionError, convert_counsel_chat, write_text_atomic
+from lightning_moe.converters.common import add_common_arguments, run_cli  # noqa: E402
+from lightning_moe.converters.counsel_chat import convert_counsel_chat  # noqa: E402
 
 DEFAULT_CSV = REPO.parent / "shared" / "datasets" / "counsel_chat" / "20200325_counsel_chat.csv"
 DEFAULT_OUT = REPO / "data" / "generated" / "counsel_chat.jsonl"
@@ -46,28 +40,12 @@ def format_report(stats: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="counsel-chat CSV (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output JSONL (default: %(default)s)")
-    parser.add_argument("--table", type=Path, default=DEFAULT_TABLE, help="topic -> domain YAML (default: %(default)s)")
-    prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--system-prompt", help="add this system turn to every conversation")
-    prompt.add_argument("--system-prompt-file", type=Path, help="read the system turn from this file")
+    add_common_arguments(parser, DEFAULT_OUT, DEFAULT_TABLE, "topic -> domain", "conversation")
     parser.add_argument("--unknown-topic", default="error", metavar="error|skip|DOMAIN",
                         help="topic missing from the table: fail (default), skip the row, or map it to DOMAIN")
-    parser.add_argument("--stats-json", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
-
-    try:
-        system_prompt = args.system_prompt
-        if args.system_prompt_file:
-            system_prompt = args.system_prompt_file.read_text(encoding="utf-8").strip()
-        stats = convert_counsel_chat(args.csv, args.out, args.table, system_prompt, args.unknown_topic)
-        if args.stats_json:
-            write_text_atomic(args.stats_json, json.dumps(stats, indent=2) + "\n")
-    except (ConversionError, OSError) as exc:
-        print(f"convert_counsel_chat: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(stats))
-    return 0
+    return run_cli("convert_counsel_chat", args, lambda prompt: convert_counsel_chat(
+        args.csv, args.out, args.table, prompt, args.unknown_topic), format_report)
 
 
 if __name__ == "__main__":

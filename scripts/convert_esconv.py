@@ -11,20 +11,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a fresh clone without installing
 
-try:
-    from lightning_moe.converters.esconv import SPLITS, ConversionError, convert_esconv, write_text_atomic
-except ModuleNotFoundError as exc:
-    # Run from a fresh clone without installing: put the repo root on the path.
-    if not (exc.name or "").startswith("lightning_moe"):
-        raise
-    sys.path.insert(0, str(REPO))
-    from lightning_moe.converters.esconv import SPLITS, ConversionError, convert_esconv, write_text_atomic
+from lightning_moe.converters.common import add_common_arguments, run_cli  # noqa: E402
+from lightning_moe.converters.esconv import SPLITS, convert_esconv  # noqa: E402
 
 DEFAULT_INPUT = REPO.parent / "shared" / "datasets" / "esconv"
 DEFAULT_OUT = REPO / "data" / "generated" / "esconv.jsonl"
@@ -61,29 +55,12 @@ def main(argv=None) -> int:
                         help="directory with train.json/valid.json/test.json (default: %(default)s)")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
                         help="splits to convert, all into the one output file (default: all)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output JSONL (default: %(default)s)")
-    parser.add_argument("--table", type=Path, default=DEFAULT_TABLE,
-                        help="problem_type -> domain YAML (default: %(default)s)")
-    prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--system-prompt", help="add this system turn to every dialogue")
-    prompt.add_argument("--system-prompt-file", type=Path, help="read the system turn from this file")
+    add_common_arguments(parser, DEFAULT_OUT, DEFAULT_TABLE, "problem_type -> domain", "dialogue")
     parser.add_argument("--unknown-type", default="error", metavar="error|skip|DOMAIN",
                         help="problem type missing from the table: fail (default), skip the dialogue, or map it to DOMAIN")
-    parser.add_argument("--stats-json", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
-
-    try:
-        system_prompt = args.system_prompt
-        if args.system_prompt_file:
-            system_prompt = args.system_prompt_file.read_text(encoding="utf-8").strip()
-        stats = convert_esconv(args.input, args.out, args.table, args.splits, system_prompt, args.unknown_type)
-        if args.stats_json:
-            write_text_atomic(args.stats_json, json.dumps(stats, indent=2) + "\n")
-    except (ConversionError, OSError) as exc:
-        print(f"convert_esconv: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(stats))
-    return 0
+    return run_cli("convert_esconv", args, lambda prompt: convert_esconv(
+        args.input, args.out, args.table, args.splits, prompt, args.unknown_type), format_report)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,17 @@ def run_train(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict | No
     )
 
 
+def run_script(script: Path, *args, cwd: Path = REPO):
+    """Run a scripts/ file as from a fresh clone (no PYTHONPATH); stdout and stderr kept apart."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, str(script), *map(str, args)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
 def read_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 

@@ -7,15 +7,13 @@ are made up in the tests.
 
 import csv
 import json
-import os
 import re
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import read_jsonl, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "convert_counsel_chat.py"
@@ -31,13 +29,7 @@ needs_shared = pytest.mark.skipif(
 
 
 def run(*args, cwd=REPO):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as from a fresh clone
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return run_script(SCRIPT, *args, cwd=cwd)
 
 
 def read_csv_rows(path):

@@ -5,16 +5,14 @@ data, never copied into the repo). The small JSONL files below are made up in th
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections import Counter
 from itertools import groupby
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import read_jsonl, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "convert_esconv.py"
@@ -29,13 +27,7 @@ needs_shared = pytest.mark.skipif(
 
 
 def run(*args, cwd=REPO):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as from a fresh clone
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return run_script(SCRIPT, *args, cwd=cwd)
 
 
 def read_raw(split):

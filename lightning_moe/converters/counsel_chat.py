@@ -14,16 +14,14 @@ and keeps questions that only share an ID apart.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
-import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
-import yaml
+from lightning_moe.converters.common import ConversionError, clean_text, load_domain_table, write_text_atomic
+
+__all__ = ["ConversionError", "convert_counsel_chat", "load_topic_table", "write_text_atomic"]
 
 REQUIRED_COLUMNS = (
     "questionID", "questionTitle", "questionText", "questionLink",
@@ -32,53 +30,9 @@ REQUIRED_COLUMNS = (
 SKIP_REASONS = ("unknown_topic", "empty_answer", "empty_question")
 
 
-class ConversionError(ValueError):
-    """Bad input. The CLI prints it on one line and exits with status 2."""
-
-
 def load_topic_table(path) -> tuple[list[str], dict[str, str]]:
     """Return (domains, topic -> domain) from the YAML table, after validating it."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConversionError(f"topic table not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConversionError(f"topic table {path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"topic table {path} must be a mapping with 'domains' and 'topics'")
-    domains, topics = data.get("domains"), data.get("topics")
-    if not isinstance(domains, list) or not domains or not all(isinstance(d, str) for d in domains):
-        raise ConversionError(f"topic table {path}: 'domains' must be a non-empty list of names")
-    if not isinstance(topics, dict) or not topics:
-        raise ConversionError(f"topic table {path}: 'topics' must be a non-empty mapping topic -> domain")
-    bad = {t: d for t, d in topics.items() if d not in domains}
-    if bad:
-        raise ConversionError(f"topic table {path}: topics mapped to undeclared domains: {bad}")
-    return list(domains), {str(t): d for t, d in topics.items()}
-
-
-def _clean(text: str | None) -> str:
-    # The scrape has non-breaking spaces and indented continuation lines.
-    # Collapse spaces inside each line but keep line and paragraph breaks.
-    lines = [" ".join(line.split()) for line in (text or "").splitlines()]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Write via a temp file in the same directory, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600, which would be a surprise for a data file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    return load_domain_table(path, "topics")
 
 
 def convert_counsel_chat(csv_path, out_path, table_path, system_prompt=None, unknown_topic="error") -> dict:
@@ -127,7 +81,7 @@ def convert_counsel_chat(csv_path, out_path, table_path, system_prompt=None, unk
                     continue
                 domain = unknown_topic
 
-            title, text, answer = (_clean(row[c]) for c in ("questionTitle", "questionText", "answerText"))
+            title, text, answer = (clean_text(row[c]) for c in ("questionTitle", "questionText", "answerText"))
             if not answer:
                 skipped["empty_answer"] += 1
                 continue

@@ -36,9 +36,7 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
-from lightning_moe.converters.counsel_chat import ConversionError, _clean, write_text_atomic
+from lightning_moe.converters.common import ConversionError, clean_text, load_domain_table, write_text_atomic
 
 SPLITS = ("train", "valid", "test")
 ROLES = {"usr": "user", "sys": "assistant"}
@@ -49,29 +47,8 @@ __all__ = ["ConversionError", "SPLITS", "convert_esconv", "load_problem_type_tab
 
 
 def load_problem_type_table(path) -> tuple[list[str], dict[str, str]]:
-    """Return (domains, problem_type -> domain) from the YAML table, after validating it.
-
-    counsel_chat.load_topic_table reads the 'topics' key; this table has 'problem_types'.
-    """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConversionError(f"problem-type table not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConversionError(f"problem-type table {path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"problem-type table {path} must be a mapping with 'domains' and 'problem_types'")
-    domains, types = data.get("domains"), data.get("problem_types")
-    if not isinstance(domains, list) or not domains or not all(isinstance(d, str) for d in domains):
-        raise ConversionError(f"problem-type table {path}: 'domains' must be a non-empty list of names")
-    if not isinstance(types, dict) or not types:
-        raise ConversionError(
-            f"problem-type table {path}: 'problem_types' must be a non-empty mapping problem_type -> domain")
-    bad = {t: d for t, d in types.items() if d not in domains}
-    if bad:
-        raise ConversionError(f"problem-type table {path}: problem types mapped to undeclared domains: {bad}")
-    return list(domains), {str(t): d for t, d in types.items()}
+    """Return (domains, problem_type -> domain) from the YAML table, after validating it."""
+    return load_domain_table(path, "problem_types")
 
 
 def _parse_line(line: str, where: str) -> dict:
@@ -114,7 +91,7 @@ def _build_messages(dialog: list[dict]) -> tuple[list[dict], list[list], Counter
     counts = Counter()
     turns = []
     for turn in dialog:
-        text = _clean(turn["text"])
+        text = clean_text(turn["text"])
         if not text:
             counts["empty"] += 1
             continue
