@@ -1,6 +1,6 @@
 """Speed and memory of this project's training path against a plain transformers + PEFT loop, on one GPU.
 
-    python scripts/benchmark.py --out benchmarks/2026-11-23_h200                 # every variant (< 10 min, H200)
+    python scripts/benchmark.py --out benchmarks/2026-11-23_h200                 # every variant (H200)
     python scripts/benchmark.py --out /tmp/b --only plain,moe,nomoe
     python scripts/benchmark.py --out /tmp/b --recipe none --arch tiny-mistral --seq 128 --only plain,moe   # CPU
 
@@ -11,7 +11,7 @@ lightning_moe/architectures/, the bundled tokenizer):
   moe          (b) train.py +recipe=RECIPE model.init=random on synthetic conversations of >= seq tokens
                    (truncated to seq, so every token is real), MoE on: the Trainer, callbacks and all
   nomoe        (c) the same with moe=none
-  moe_ckpt_b4  (b) with activation checkpointing and micro-batch 4: the memory configuration
+  moe_ckpt_b4  (b) with activation checkpointing and micro-batch 4: therapeutic_h100's own settings
   h200         (b) with +recipe=therapeutic_h200 (micro-batch 4, no checkpointing); h200_nomoe: MoE off
   longest      (b) at batch 1 with checkpointing, for each --longest length until one does not fit
   qlora        (b) with +recipe=therapeutic_qlora (nf4) at batch 1: the random model is saved once, then
@@ -198,7 +198,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="results directory (required)")
     p.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
-    p.add_argument("--recipe", default="therapeutic_h100", help="'none': the tiny default (CPU smoke test)")
+    p.add_argument("--recipe", default="therapeutic_h100_fast", help="'none': the tiny default (CPU smoke test)")
     p.add_argument("--arch", default="mistral-nemo-12b")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--device", default="cuda")

@@ -40,13 +40,14 @@ def test_therapeutic_h100_has_every_value_of_the_design():
     assert s.domains == ["psychology", "mental_health", "bias_detection", "general_therapeutic"]
     assert (s.moe.num_experts, s.moe.top_k, s.moe.router) == (4, 2, "topk")
     assert resolve_moe_layers(s.moe, 40) == [5, 15, 25, 35]  # 4 layers spread over the 40-layer depth
-    assert cfg.trainer.precision == "bf16-mixed" and s.optim.fused is True
-    # the measured fastest that fits 80 GB (scripts/benchmark.py): Liger, no checkpointing at micro-batch 2;
-    # the effective batch stays 32 conversations, in the H200 variant too
-    assert s.model.liger_kernel and not s.model.gradient_checkpointing
-    assert (s.data.batch_size, cfg.trainer.accumulate_grad_batches) == (2, 16)
-    h200 = compose(["+recipe=therapeutic_h200"])
-    assert h200.data.batch_size * h200.trainer.accumulate_grad_batches == 32 and h200.model.liger_kernel
+    assert cfg.trainer.precision == "bf16-mixed" and s.optim.fused is True and s.model.gradient_checkpointing
+    assert (s.data.batch_size, cfg.trainer.accumulate_grad_batches) == (4, 8)
+    assert s.model.liger_kernel
+    # the measured faster variants (scripts/benchmark.py) drop checkpointing and keep the effective batch of 32
+    fast, h200 = compose(["+recipe=therapeutic_h100_fast"]), compose(["+recipe=therapeutic_h200"])
+    assert (fast.data.batch_size, fast.trainer.accumulate_grad_batches) == (2, 16)
+    assert h200.data.batch_size * h200.trainer.accumulate_grad_batches == 32
+    assert not fast.model.gradient_checkpointing and not h200.model.gradient_checkpointing
     assert (s.data.num_workers, s.data.pin_memory) == (4, True)
     assert (s.optim.lr, s.optim.scheduler, s.optim.warmup_steps, s.optim.weight_decay) == (3e-4, "cosine", 1000, 0.01)
     assert cfg.trainer.gradient_clip_val == 1.0
