@@ -22,7 +22,8 @@ class Budget(Timer):
     - it stops early enough to finish inside the budget: when the time left is less than `reserve` + one
       optimizer step (the slowest of the last 20) + the validation Lightning runs when a run is stopped + the
       final checkpoints' writes, each measured (until they have been: validation from the step time, the
-      write from the checkpoint's size);
+      write from the checkpoint's size), times `safety` (1.5): one measurement of a validation or a save
+      is a noisy guess of the next on a busy machine, and overshooting the budget is the failure to avoid;
     - the measured step and validation times are saved in checkpoints, so a run resumed without room for
       one more step stops before taking one;
     - `reset_on_resume=true` starts a resumed run with the full budget again (a larger trainer.max_time
@@ -33,9 +34,10 @@ class Budget(Timer):
     """
 
     def __init__(self, duration: str | None, reserve: str = "00:00:00:00", reset_on_resume: bool = False,
-                 schedule: bool = False, warmup_steps_for_estimate: int = 3):
+                 schedule: bool = False, warmup_steps_for_estimate: int = 3, safety: float = 1.5):
         super().__init__(duration=duration, interval="step")
         self.reserve = _seconds(reserve)
+        self.safety = safety
         self.reset_on_resume, self.schedule = reset_on_resume, schedule
         self.warmup_steps_for_estimate = warmup_steps_for_estimate
         self.stopped = False
@@ -53,8 +55,8 @@ class Budget(Timer):
         # resumed with the step time measured before: no room for one more step means no step at all
         if self._duration is not None and self._step_times and not self.stopped:
             step = statistics.median(self._step_times)
-            end = self.reserve + self._final_validation_seconds(trainer, step) + self._save_seconds(trainer, pl_module)
-            if self._duration - self.time_elapsed() < end + max(self._step_times):
+            end = self._end_seconds(trainer, pl_module, step)
+            if self._duration - self.time_elapsed() < end + self.safety * max(self._step_times):
                 self.stopped = trainer.should_stop = True
 
     def state_dict(self) -> dict:
@@ -76,11 +78,12 @@ class Budget(Timer):
             self._last_step, self._last_time = trainer.global_step, now
         if len(self._step_times) >= self.warmup_steps_for_estimate:
             step = statistics.median(self._step_times)
-            end = self.reserve + self._final_validation_seconds(trainer, step) + self._save_seconds(trainer, pl_module)
+            end = self._end_seconds(trainer, pl_module, step)
             left = self._duration - self.time_elapsed()
             if self.schedule:
                 self._resize_schedule(trainer, int((left - end) / step))
-            if left < end + max(self._step_times) and not self.stopped:  # the slowest recent step: stay inside
+            # one more step (the slowest recent one, with the margin) must still leave room for the end
+            if left < end + self.safety * max(self._step_times) and not self.stopped:
                 self.stopped = trainer.strategy.broadcast(True)
                 trainer.should_stop = True
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -99,6 +102,12 @@ class Budget(Timer):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._val_batch_times.append(time.monotonic() - self._val_batch_t0)
+
+    def _end_seconds(self, trainer, pl_module, step: float) -> float:
+        """What a stopped run still spends: the reserve, then (with the safety margin) the validation Lightning
+        runs on stop and the final checkpoint writes."""
+        measured = self._final_validation_seconds(trainer, step) + self._save_seconds(trainer, pl_module)
+        return self.reserve + self.safety * measured
 
     def _final_validation_seconds(self, trainer, step: float) -> float:
         if self._val_seconds is not None:
