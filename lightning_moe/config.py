@@ -37,11 +37,17 @@ class ModelConfig:
     dtype: str = "float32"  # dtype of the frozen base weights; trainable weights stay float32
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    # with gradient_checkpointing: checkpoint this many decoder layers, spread over the depth (null: all); the
+    # others keep their activations: faster, more memory (MOE_TRAINING_GUIDE.md section 8 has the measured sizes)
+    gradient_checkpointing_layers: Optional[int] = None
     load_in_4bit: bool = False  # QLoRA: bitsandbytes 4-bit base weights (CUDA only)
     liger_kernel: bool = False  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_compute_dtype: str = "bfloat16"
     bnb_4bit_use_double_quant: bool = True
+    # QLoRA: peft's prepare_model_for_kbit_training casts the weights left unquantised (embeddings, lm_head, norms)
+    # to float32, 2.5 GiB more on NeMo-12B; false keeps them in model.dtype (frozen either way)
+    upcast_non_quantized: bool = True
     trust_remote_code: bool = False
     revision: Optional[str] = None
 
@@ -203,6 +209,11 @@ def validate_config(cfg: DictConfig) -> Sections:
     for key in ("dtype", "bnb_4bit_compute_dtype"):
         _check(getattr(m, key) in DTYPES, f"model.{key}", f"'{getattr(m, key)}' is not one of {', '.join(DTYPES)}")
     _check(m.bnb_4bit_quant_type in ("nf4", "fp4"), "model.bnb_4bit_quant_type", "must be nf4 or fp4")
+    if m.gradient_checkpointing_layers is not None:
+        _check(m.gradient_checkpointing, "model.gradient_checkpointing_layers",
+               "set, but model.gradient_checkpointing is false")
+        _check(m.gradient_checkpointing_layers >= 1, "model.gradient_checkpointing_layers",
+               f"must be >= 1 (or null: every layer), got {m.gradient_checkpointing_layers}")
     if m.load_in_4bit:
         _check(lo.enabled, "lora.enabled", "QLoRA (model.load_in_4bit=true) trains LoRA adapters: enable lora")
 

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from lightning_moe.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig, resolve_moe_layers
+from lightning_moe.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig, resolve_moe_layers, spread_layers
 from lightning_moe.moe import MoEBlock, RoutingContext, inject_moe
 from lightning_moe.paths import BUNDLED_TOKENIZER, architecture_file, known_architectures, resolve_path
 
@@ -191,7 +191,7 @@ def build_model(
 
         _apply_liger_kernel_to_instance(model=model)
     gc_kwargs = {"use_reentrant": False}  # reentrant checkpointing would cut the router's side-channel graph
-    if m.load_in_4bit:
+    if m.load_in_4bit and m.upcast_non_quantized:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -199,6 +199,8 @@ def build_model(
         )
     elif m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if m.gradient_checkpointing and m.gradient_checkpointing_layers is not None:
+        checkpoint_only(model, m.gradient_checkpointing_layers)
 
     if lora.enabled:
         model = _apply_lora(model, lora)
@@ -211,6 +213,20 @@ def build_model(
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("lora.enabled / moe.enabled: nothing to train (both are off)")
     return model, blocks
+
+
+def checkpoint_only(model: torch.nn.Module, count: int) -> list[int]:
+    """Selective activation checkpointing: keep checkpointing on `count` decoder layers spread over the depth
+    and turn it off on the rest, whose activations then stay in memory instead of being recomputed in the
+    backward pass. transformers checkpoints per decoder layer (GradientCheckpointingLayer, a flag each).
+    Returns the indices still checkpointed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)]
+    keep = spread_layers(len(layers), count)
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in keep
+    return keep
 
 
 def missing_lora_targets(model: torch.nn.Module, lora: LoRAConfig) -> None:

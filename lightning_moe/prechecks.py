@@ -43,6 +43,10 @@ def check_before_weights(cfg: DictConfig, sections: Sections) -> PretrainedConfi
     model_config = resolve_model_config(sections.model)
     if sections.moe.enabled:
         resolve_moe_layers(sections.moe, model_config.num_hidden_layers)
+    checkpointed = sections.model.gradient_checkpointing_layers
+    if checkpointed is not None and checkpointed > model_config.num_hidden_layers:
+        raise ConfigError(f"model.gradient_checkpointing_layers: {checkpointed} > the model's "
+                          f"{model_config.num_hidden_layers} decoder layers (null checkpoints them all)")
     if sections.lora.enabled:
         check_lora_targets(sections.lora, model_config, sections.model.trust_remote_code)
     trainer = cfg.get("trainer") or {}

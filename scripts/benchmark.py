@@ -11,17 +11,21 @@ lightning_moe/architectures/, the bundled tokenizer):
   moe          (b) train.py +recipe=RECIPE model.init=random on synthetic conversations of >= seq tokens
                    (truncated to seq, so every token is real), MoE on: the Trainer, callbacks and all
   nomoe        (c) the same with moe=none
-  moe_ckpt_b4  (b) with activation checkpointing and micro-batch 4: therapeutic_h100's own settings
+  moe_ckpt_b4  (b) with activation checkpointing on every layer and micro-batch 4
+  h100         (b) with +recipe=therapeutic_h100 as committed (micro-batch 4, every other layer checkpointed)
   h200         (b) with +recipe=therapeutic_h200 (micro-batch 4, no checkpointing); h200_nomoe: MoE off
   longest      (b) at batch 1 with checkpointing, for each --longest length until one does not fit
   qlora        (b) with +recipe=therapeutic_qlora (nf4) at batch 1: the random model is saved once, then
-                   loaded in 4 bits the way pretrained weights are
+                   loaded in 4 bits the way pretrained weights are; qlora_bf16: without peft's float32
+                   upcast of the unquantised weights (model.upcast_non_quantized=false)
   real_padded  (b) on converted counsel-chat + ESConv (data/generated/, scripts/convert_*.py), padded
   real_packed  (b) the same with padding-free packing (the recipe's default): 2 conversations a micro-batch;
-               real_packed_h200: therapeutic_h200's 4; real_packed_b8: 8 (accumulation 4)
+               real_packed_h200: therapeutic_h200's 4; real_packed_b8: 8 (accumulation 4);
+               real_packed_h100: therapeutic_h100 as committed
 Tokens/s counts real (non-padding) tokens; MFU is model FLOPs (lightning_moe/flops.py, MOE_TRAINING_GUIDE.md)
 over the dense bf16 peak; peak memory is torch.cuda.max_memory_allocated. Writes OUT/results.json (+ one JSON
-and one log per variant) and prints a table with each variant's ratio to (a).
+and one log per variant) and prints a table with each variant's ratio to (a). --memory adds, per variant,
+OUT/VARIANT.memory.txt: the allocations alive at one micro-batch's peak, by the code that made them.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ["plain", "moe", "nomoe", "moe_ckpt_b4", "h200", "h200_nomoe", "longest", "qlora", "real_padded",
-            "real_packed", "real_packed_h200", "real_packed_b8"]
+VARIANTS = ["plain", "moe", "nomoe", "moe_ckpt_b4", "h100", "h200", "h200_nomoe", "longest", "qlora", "qlora_bf16",
+            "real_padded", "real_packed", "real_packed_h100", "real_packed_h200", "real_packed_b8"]
 REAL_DATA = ["data/generated/counsel_chat.jsonl", "data/generated/esconv.jsonl"]
 
 
@@ -136,21 +140,24 @@ def train_args(name: str, a, out: Path) -> list[str] | None:
         extra = ["moe=none"]
     elif name == "moe_ckpt_b4":
         extra = ["model.gradient_checkpointing=true", "data.batch_size=4"]
+    elif name == "h100":
+        recipe = ["+recipe=therapeutic_h100", "model.init=random"]
     elif name in ("h200", "h200_nomoe"):
         recipe = ["+recipe=therapeutic_h200", "model.init=random"] + (["moe=none"] if name == "h200_nomoe" else [])
     elif name.startswith("longest_"):
         seq = int(name.split("_")[1])
         extra, warmup, micro = ["model.gradient_checkpointing=true", "data.batch_size=1"], 1, 1  # ~1 min/step
         data = synthetic_conversations(out / f"synthetic_{seq}.jsonl", 8, seq)
-    elif name == "qlora":
+    elif name in ("qlora", "qlora_bf16"):
         model_dir = a.scratch / f"random-{a.arch}"  # 24 GB for the 12B: not beside the results
         if not (model_dir / "config.json").exists():
             subprocess.run([sys.executable, __file__, "--_save-random", str(model_dir), "--arch", a.arch], check=True)
         recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={model_dir}", "model.tokenizer=data/tokenizer",
                   "model.gradient_checkpointing=true", "data.batch_size=1"]
+        extra = ["model.upcast_non_quantized=false"] if name == "qlora_bf16" else []
     elif name.startswith("real_"):
-        if name == "real_packed_h200":
-            recipe = ["+recipe=therapeutic_h200", "model.init=random"]
+        if name in ("real_packed_h200", "real_packed_h100"):
+            recipe = [f"+recipe=therapeutic_{name.rsplit('_', 1)[1]}", "model.init=random"]
         missing = [f for f in REAL_DATA if not (REPO / f).exists()]
         if missing:
             print(f"skipping {name}: {missing} missing (scripts/convert_counsel_chat.py, convert_esconv.py)")
@@ -166,7 +173,8 @@ def train_args(name: str, a, out: Path) -> list[str] | None:
             "data.num_workers=2", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
             "trainer.max_steps=100000", "resume=false", f"hydra.run.dir={out / name}",
             f"+callbacks.bench={{_target_: lightning_moe.bench.StepTimer, out: {out / name}.json, "
-            f"warmup: {warmup}, steps: {micro}, profile: {a.profile}}}", *extra, *a.override]
+            f"warmup: {warmup}, steps: {micro}, profile: {a.profile}, memory_trace: {a.memory}}}",
+            *extra, *a.override]
 
 
 # ---- driver -----------------------------------------------------------------------------------------------
@@ -210,6 +218,7 @@ def main() -> None:
     p.add_argument("--scratch", type=Path, default=Path("/tmp/lightning_moe_benchmark"),
                    help="where qlora saves the random model it loads in 4 bits")
     p.add_argument("--profile", action="store_true", help="also write OUT/VARIANT.profile.txt (torch.profiler)")
+    p.add_argument("--memory", action="store_true", help="also write OUT/VARIANT.memory.txt (allocator trace)")
     p.add_argument("--override", nargs="*", default=[], help="extra train.py overrides for every variant")
     p.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_save-random", type=Path, help=argparse.SUPPRESS)

@@ -38,3 +38,27 @@ def test_benchmark_runs_both_paths_and_counts_real_tokens_and_model_flops(tmp_pa
     assert plain["trainable_params"] == p
     assert plain["real_tokens"] == 2 * 4 * SEQ
     assert plain["model_flops"] == plain["real_tokens"] * (4 * n + 6 * p + 6 * L * nh * d * SEQ)
+
+
+def test_memory_trace_replay_finds_the_peak_and_who_allocated_it():
+    """peak_allocations replays the allocator's trace: the peak is the highest net total, and only blocks alive at
+    that moment count, grouped by the Python frames that allocated them (torch.nn's call frames skipped)."""
+    from lightning_moe.bench import peak_allocations
+
+    def frames(name):
+        return [{"filename": "/x/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"},
+                {"filename": f"/x/{name}.py", "line": 7, "name": name}]
+
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": frames("attn")},
+        {"action": "alloc", "addr": 2, "size": 300, "frames": frames("mlp")},
+        {"action": "free_completed", "addr": 1, "size": 100, "frames": []},
+        {"action": "alloc", "addr": 3, "size": 250, "frames": frames("mlp")},  # peak: 300 + 250
+        {"action": "alloc", "addr": 4, "size": 50, "frames": []},  # the autograd engine: no Python frame
+        {"action": "free_completed", "addr": 2, "size": 300, "frames": []},
+        {"action": "free_completed", "addr": 9, "size": 40, "frames": []},  # allocated before the trace began
+        {"action": "alloc", "addr": 5, "size": 200, "frames": frames("attn")},
+    ]
+    peak, groups = peak_allocations(trace)
+    assert peak == 600
+    assert groups == [("mlp.py:7 mlp", (550, 2)), ("(no Python frame: autograd engine)", (50, 1))]

@@ -85,6 +85,8 @@ def test_cfg_job_prints_the_recipe(tmp_path):
         ("+moe.topk=2", "moe.topk"),  # a typo is named, not ignored
         ("moe.top_k=two", "moe.top_k"),
         ("model.init=scratch", "model.init"),
+        ("model.gradient_checkpointing_layers=2", "model.gradient_checkpointing_layers"),  # checkpointing is off
+        ("model.gradient_checkpointing_layers=0", "model.gradient_checkpointing_layers"),
     ],
 )
 def test_bad_values_are_named(override, key):
@@ -107,6 +109,14 @@ def test_moe_layer_out_of_range_is_named():
     with pytest.raises(ConfigError, match=r"moe\.layers: index 7 is out of range for a model with 4"):
         resolve_moe_layers(s.moe, 4)
     assert resolve_moe_layers(validate_config(compose(["moe.layers=[-1,0]"])).moe, 4) == [0, 3]
+
+
+def test_more_checkpointed_layers_than_the_model_has_is_named_before_weights():
+    from lightning_moe.prechecks import check_before_weights
+
+    cfg = compose(["model.gradient_checkpointing=true", "model.gradient_checkpointing_layers=5"])
+    with pytest.raises(ConfigError, match=r"model\.gradient_checkpointing_layers: 5 > the model's 4 decoder layers"):
+        check_before_weights(cfg, validate_config(cfg))
 
 
 def test_bad_override_fails_fast_from_the_command_line(tmp_path):

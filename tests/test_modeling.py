@@ -82,6 +82,43 @@ def test_lora_target_missing_from_model_is_named_with_alternatives():
     _build("tiny-phi3", lora=LoRAConfig(r=4, alpha=8, target_modules=["all-linear"]))
 
 
+def _saved_bytes_and_grads(model, ctx):
+    """Bytes autograd keeps for the backward pass of one forward, and the trainable gradients after it."""
+    model.train()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 2000, (2, 64))
+    saved = []
+    ctx.start()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    ctx.stop()
+    loss.backward()
+    return sum(saved), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_selective_checkpointing_keeps_the_chosen_layers_and_the_same_gradients():
+    """gradient_checkpointing_layers=N checkpoints N layers spread over the depth: memory between none and all,
+    gradients identical (recomputation is exact)."""
+    runs = {}
+    for name, kw in {"none": {}, "all": {"gradient_checkpointing": True},
+                     "two": {"gradient_checkpointing": True, "gradient_checkpointing_layers": 2}}.items():
+        torch.manual_seed(0)
+        cfg = resolve_model_config(ModelConfig(init="random", arch="tiny-mistral"))
+        ctx = RoutingContext()
+        model, _ = build_model(ModelConfig(init="random", arch="tiny-mistral", **kw), LoRAConfig(r=4, alpha=8),
+                               MoEConfig(expert_dim=8, num_layers=2), cfg, ctx, vocab_size=2048)
+        flags = [layer.gradient_checkpointing for layer in model.base_model.model.model.layers]
+        runs[name] = (flags, *_saved_bytes_and_grads(model, ctx))
+    assert runs["none"][0] == [False] * 4 and runs["all"][0] == [True] * 4
+    assert runs["two"][0] == [False, True, False, True]  # spread: layers 1 and 3 of 4
+    assert runs["all"][1] < runs["two"][1] < runs["none"][1]
+    for grads in (runs["all"][2], runs["two"][2]):
+        assert grads.keys() == runs["none"][2].keys()
+        for k, g in grads.items():
+            torch.testing.assert_close(g, runs["none"][2][k], msg=k)
+
+
 def test_qlora_nf4_trains_on_cpu(tmp_path):
     """bitsandbytes >= 0.46 quantises and runs nf4 on CPU: the whole QLoRA path, not only its config."""
     import bitsandbytes as bnb
@@ -103,6 +140,24 @@ def test_qlora_nf4_trains_on_cpu(tmp_path):
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
     flops = count_flops(model, cfg)
     assert flops.frozen_matmul_params == count_flops(_build()[0], cfg).frozen_matmul_params  # 4-bit counted unpacked
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_qlora_upcast_of_the_unquantised_weights_is_a_choice(tmp_path, upcast):
+    """peft's prepare_model_for_kbit_training casts embeddings, norms and lm_head to float32;
+    model.upcast_non_quantized=false keeps them bf16. Either way the base is frozen and LoRA trains."""
+    tiny_model("tiny-mistral").to(torch.bfloat16).save_pretrained(tmp_path)
+    cfg = resolve_model_config(ModelConfig(name_or_path=str(tmp_path)))
+    m = ModelConfig(name_or_path=str(tmp_path), dtype="bfloat16", load_in_4bit=True, gradient_checkpointing=True,
+                    upcast_non_quantized=upcast)
+    ctx = RoutingContext()
+    model, _ = build_model(m, LoRAConfig(r=4, alpha=8), MoEConfig(expert_dim=8, num_layers=2), cfg, ctx, 2048)
+    inner = model.base_model.model
+    unquantised = [inner.model.embed_tokens.weight, inner.model.norm.weight, inner.lm_head.weight]
+    assert {w.dtype for w in unquantised} == {torch.float32 if upcast else torch.bfloat16}
+    assert not any(w.requires_grad for w in unquantised) and inner.model.layers[0].gradient_checkpointing
+    saved, grads = _saved_bytes_and_grads(model, ctx)
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
 
 
 def test_flop_count_matches_a_hand_count():
