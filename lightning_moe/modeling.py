@@ -185,6 +185,9 @@ def build_model(
             trust_remote_code=m.trust_remote_code,
             **kwargs,
         )
+    # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's mode: the decoder would
+    # train with checkpointing, dropout and Liger's fused loss off (all three look at .training)
+    model.train()
     model.config.use_cache = False
     if m.liger_kernel:  # before LoRA and MoE wrap the MLPs: Liger patches the model's own modules
         from liger_kernel.transformers import _apply_liger_kernel_to_instance

@@ -142,6 +142,28 @@ def test_qlora_nf4_trains_on_cpu(tmp_path):
     assert flops.frozen_matmul_params == count_flops(_build()[0], cfg).frozen_matmul_params  # 4-bit counted unpacked
 
 
+def test_pretrained_weights_train_in_training_mode_with_checkpointing(tmp_path):
+    """from_pretrained hands back a model in eval mode and Lightning keeps submodule modes: without a .train()
+    the decoder layers skip checkpointing (every activation kept) and dropout."""
+    tiny_model("tiny-mistral").save_pretrained(tmp_path)
+    cfg = resolve_model_config(ModelConfig(name_or_path=str(tmp_path)))
+    saved = {}
+    for ckpt in (False, True):
+        ctx = RoutingContext()
+        model, _ = build_model(ModelConfig(name_or_path=str(tmp_path), gradient_checkpointing=ckpt),
+                               LoRAConfig(r=4, alpha=8), MoEConfig(expert_dim=8, num_layers=2), cfg, ctx, 2048)
+        assert all(m.training for m in model.modules())
+        ids = torch.randint(0, 2000, (2, 64))
+        sizes = []
+        ctx.start()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            model(input_ids=ids, labels=ids, use_cache=False)  # no .train() here: as Lightning would run it
+        ctx.stop()
+        saved[ckpt] = sum(sizes)
+    assert saved[True] < saved[False] / 2
+
+
 @pytest.mark.parametrize("upcast", [True, False])
 def test_qlora_upcast_of_the_unquantised_weights_is_a_choice(tmp_path, upcast):
     """peft's prepare_model_for_kbit_training casts embeddings, norms and lm_head to float32;

@@ -160,6 +160,7 @@ def test_qlora_through_train_py(tmp_path):
     out = run_train(f"model.name_or_path={tmp_path / 'model'}", "model.init=pretrained", "model.load_in_4bit=true",
                     "model.bnb_4bit_compute_dtype=float32", f"hydra.run.dir={tmp_path}/run", *FAST)
     assert out.returncode == 0, out.stdout[-3000:]
+    assert "in eval mode at the start of training" not in out.stdout  # Lightning's own check: from_pretrained
     s = read_summary(tmp_path / "run")
     assert s["stop_reason"] == "max_steps" and s["global_step"] == 4
     assert s["model"]["linear_4bit_modules"] == 4 * 7 and s["model"]["moe_layers"] == [0, 1, 2, 3]
