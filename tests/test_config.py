@@ -42,7 +42,9 @@ def test_therapeutic_h100_has_every_value_of_the_design():
     assert resolve_moe_layers(s.moe, 40) == [5, 15, 25, 35]  # 4 layers spread over the 40-layer depth
     assert cfg.trainer.precision == "bf16-mixed" and s.optim.fused is True and s.model.gradient_checkpointing
     assert (s.data.batch_size, cfg.trainer.accumulate_grad_batches) == (4, 8)
-    assert s.model.liger_kernel
+    assert s.model.liger_kernel and s.model.gradient_checkpointing_layers == 20  # every other layer: fits 80 GB
+    qlora = validate_config(compose(["+recipe=therapeutic_qlora"])).model
+    assert qlora.load_in_4bit and qlora.gradient_checkpointing_layers is None and not qlora.upcast_non_quantized
     # the measured faster variants (scripts/benchmark.py) drop checkpointing and keep the effective batch of 32
     fast, h200 = compose(["+recipe=therapeutic_h100_fast"]), compose(["+recipe=therapeutic_h200"])
     assert (fast.data.batch_size, fast.trainer.accumulate_grad_batches) == (2, 16)
