@@ -32,7 +32,9 @@ class StepTimer(Callback):
         self._prof = None
         self._seen = 0
         self._tokens = self._flops = 0
+        self._sizes: list[int] = []  # conversations per timed micro-batch
         self._t0 = 0.0
+        self._epoch0 = 0
 
     def _sync(self, trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -57,6 +59,7 @@ class StepTimer(Callback):
                 self._prof.__enter__()
             self._sync(trainer)
             self._t0 = time.perf_counter()
+            self._epoch0 = trainer.current_epoch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._seen += 1
@@ -69,6 +72,7 @@ class StepTimer(Callback):
         if self._seen <= self.warmup:
             return
         self._tokens += int(batch["num_tokens"])
+        self._sizes.append(int(batch["num_examples"]))
         self._flops += int(pl_module.flops_per_batch)
         if self._seen == self.warmup + self.steps:
             self._sync(trainer)
@@ -89,7 +93,9 @@ class StepTimer(Callback):
                 "real_tokens": self._tokens,
                 "model_flops": self._flops,
                 "seconds": seconds,
-                "micro_batch_size": int(batch["num_examples"]),  # conversations, packed or not
+                "micro_batch_size": max(self._sizes),  # conversations, packed or not
+                "smallest_micro_batch": min(self._sizes),  # < micro_batch_size: an epoch's short last batch
+                "epochs_crossed": trainer.current_epoch - self._epoch0,  # > 0: a dataloader restart was timed
                 "padded_tokens": int(batch["input_ids"].numel()),
                 "trainable_params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
                 "device": torch.cuda.get_device_name(device) if cuda else "cpu",

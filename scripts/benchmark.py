@@ -166,7 +166,10 @@ def train_args(name: str, a, out: Path) -> list[str] | None:
         if name == "real_packed_b8":
             extra += ["data.batch_size=8", "trainer.accumulate_grad_batches=4"]
     if data is None and not name.startswith("real_"):
-        data = synthetic_conversations(out / f"synthetic_{seq}.jsonl", 64, seq)
+        # enough rows that the timed window never reaches the end of an epoch (a dataloader restart and a short
+        # last batch would be timed): micro-batches of up to 8, 90% of the rows in the training split
+        rows = max(64, -(-(warmup + micro) * 8 * 10 // 9) + 8)
+        data = synthetic_conversations(out / f"synthetic_{seq}_{rows}.jsonl", rows, seq)
     if data is not None:
         extra = [f"data.train_files=[{data}]", "data.val_files=[]", "data.val_fraction=0.1", *extra]
     return [sys.executable, str(REPO / "train.py"), *recipe, "logger=csv", f"data.max_length={seq}",
