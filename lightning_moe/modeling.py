@@ -232,6 +232,14 @@ def checkpoint_only(model: torch.nn.Module, count: int) -> list[int]:
     return keep
 
 
+def checkpointed_layers(model: torch.nn.Module) -> list[int]:
+    """Indices of the decoder layers that run under activation checkpointing."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)]
+    return [i for i, layer in enumerate(layers) if layer.gradient_checkpointing]
+
+
 def missing_lora_targets(model: torch.nn.Module, lora: LoRAConfig) -> None:
     """Raise ConfigError naming lora.target_modules if a target is not a module of `model`."""
     if lora.target_modules == ["all-linear"]:

@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 
 from lightning_moe.config import Sections
 from lightning_moe.flops import FlopCounts, count_flops, nominal_active_experts
-from lightning_moe.modeling import build_model, keep_lora_inputs_in_autocast_dtype
+from lightning_moe.modeling import build_model, checkpointed_layers, keep_lora_inputs_in_autocast_dtype
 from lightning_moe.redact import redact
 from lightning_moe.resume import base_model_record
 from lightning_moe.schedules import WarmupDecay
@@ -77,6 +77,7 @@ class MoELoRAModule(pl.LightningModule):
             "trainable_params": sum(p.numel() for p in params if p.requires_grad),
             "total_params": sum(p.numel() for p in params),
             "moe_layers": [b.layer_idx for b in self.moe_blocks],
+            "checkpointed_layers": checkpointed_layers(self.model),
             "linear_4bit_modules": sum(type(m).__name__ == "Linear4bit" and not hasattr(m, "base_layer")
                                        for m in self.model.modules()),
         }

@@ -47,7 +47,8 @@ def test_liger_kernels_give_the_same_loss_and_lora_gradients():
 def test_the_recipe_trains_on_the_gpu_with_liger_and_moe(tmp_path):
     run_dir = tmp_path / "run"
     out = run_train("+recipe=therapeutic_h100", "model.init=random", "model.arch=tiny-mistral", "moe.layers=[1,3]",
-                    "model.tokenizer=data/tokenizer", "data=sample", "data.max_length=256", "logger=csv",
+                    "model.gradient_checkpointing_layers=2", "model.tokenizer=data/tokenizer", "data=sample",
+                    "data.max_length=256", "logger=csv",
                     "trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=4",
                     "trainer.limit_val_batches=2", f"hydra.run.dir={run_dir}", timeout=300)
     assert out.returncode == 0, out.stdout[-3000:]

@@ -169,17 +169,19 @@ def test_qlora_through_train_py(tmp_path):
 
 def test_recipe_training_path_bf16_fused_adamw_clipping_checkpointing(tmp_path):
     """therapeutic_h100's optimisation settings on the tiny architecture: bf16-mixed, fused AdamW with gradient
-    clipping (which Lightning's mixed-precision plugin refuses on its own), activation checkpointing, workers."""
+    clipping (which Lightning's mixed-precision plugin refuses on its own), selective activation checkpointing
+    (the recipe's 20 of 40 layers becomes 2 of 4), workers."""
     run_dir = tmp_path / "run"
     out = run_train("+recipe=therapeutic_h100", "model.init=random", "model.arch=tiny-mistral", "moe.layers=[1,3]",
                     "model.tokenizer=data/tokenizer", "model.liger_kernel=false", "model.gradient_checkpointing=true",
-                    "data=sample", "data.max_length=64", "data.batch_size=2",
+                    "model.gradient_checkpointing_layers=2", "data=sample", "data.max_length=64", "data.batch_size=2",
                     "data.num_workers=2", "trainer.accelerator=cpu", "logger=csv", "trainer.max_steps=2",
                     "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
                     "trainer.num_sanity_val_steps=0", f"hydra.run.dir={run_dir}")  # bf16 is emulated (slow) on CPU
     assert out.returncode == 0, out.stdout[-3000:]
     s = read_summary(run_dir)
     assert s["stop_reason"] == "max_steps" and s["global_step"] == 2 and s["model"]["moe_layers"] == [1, 3]
+    assert s["model"]["checkpointed_layers"] == [1, 3]
     cfg = __import__("yaml").safe_load((run_dir / "config.yaml").read_text())
     assert cfg["trainer"]["precision"] == "bf16-mixed" and cfg["optim"]["fused"] and cfg["model"]["gradient_checkpointing"]
     assert cfg["trainer"]["gradient_clip_val"] == 1.0
