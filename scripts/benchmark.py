@@ -1,6 +1,7 @@
 """Speed and memory of this project's training path against a plain transformers + PEFT loop, on one GPU.
 
-    python scripts/benchmark.py --out benchmarks/2026-11-23_h200                 # every variant (H200)
+    python scripts/benchmark.py --out /tmp/b     # (a), (b), (c) and the recipes' settings: ~7 min on one H200
+    python scripts/benchmark.py --out /tmp/b --only all        # every variant: ~1 min each, longest/qlora more
     python scripts/benchmark.py --out /tmp/b --only plain,moe,nomoe
     python scripts/benchmark.py --out /tmp/b --recipe none --arch tiny-mistral --seq 128 --only plain,moe   # CPU
 
@@ -44,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 VARIANTS = ["plain", "moe", "nomoe", "moe_ckpt_b4", "h100", "h200", "h200_nomoe", "longest", "qlora", "qlora_bf16",
             "real_padded", "real_packed", "real_packed_h100", "real_packed_h200", "real_packed_b8"]
+DEFAULT = ["plain", "moe", "nomoe", "moe_ckpt_b4", "h100", "h200", "h200_nomoe"]  # the side-by-side, < 10 min
 REAL_DATA = ["data/generated/counsel_chat.jsonl", "data/generated/esconv.jsonl"]
 
 
@@ -208,7 +210,7 @@ def run_variant(name: str, a, out: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="results directory (required)")
-    p.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
+    p.add_argument("--only", default=",".join(DEFAULT), help="comma-separated variants, or 'all'")
     p.add_argument("--recipe", default="therapeutic_h100_fast", help="'none': the tiny default (CPU smoke test)")
     p.add_argument("--arch", default="mistral-nemo-12b")
     p.add_argument("--seq", type=int, default=2048)
@@ -235,7 +237,11 @@ def main() -> None:
 
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
-    for name in a.only.split(","):
+    names = VARIANTS if a.only == "all" else a.only.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"--only: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    for name in names:
         if name == "longest":
             for length in (int(x) for x in a.longest.split(",")):
                 results[f"longest_{length}"] = r = run_variant(f"longest_{length}", a, a.out)
