@@ -24,7 +24,6 @@ def main(cfg: DictConfig) -> float | None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return _trial(cfg)
     try:
-        validate_config(cfg)  # before torch is imported: a bad override costs a second, not a model load
         summary = _run(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -35,12 +34,13 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _run(cfg: DictConfig) -> dict:
+    sections = validate_config(cfg)  # before torch is imported: a bad override costs a second, not a model load
     from lightning_moe.modeling import WeightsUnavailable
     from lightning_moe.prechecks import check_before_weights
 
     try:
         # what needs the architecture but no weights, before Lightning/datasets/peft are even imported
-        model_config = check_before_weights(cfg, validate_config(cfg))
+        model_config = check_before_weights(cfg, sections)
         from lightning_moe.data import DataError
         from lightning_moe.pipeline import run
 
@@ -60,7 +60,6 @@ def _trial(cfg: DictConfig) -> float | None:
     import math
 
     try:
-        validate_config(cfg)
         summary = _run(cfg)
     except Exception as e:  # noqa: BLE001  a sweep must survive any one trial
         from pathlib import Path

@@ -218,26 +218,26 @@ def build_model(
     return model, blocks
 
 
-def checkpoint_only(model: torch.nn.Module, count: int) -> list[int]:
+def checkpoint_only(model: torch.nn.Module, count: int) -> None:
     """Selective activation checkpointing: keep checkpointing on `count` decoder layers spread over the depth
     and turn it off on the rest, whose activations then stay in memory instead of being recomputed in the
-    backward pass. transformers checkpoints per decoder layer (GradientCheckpointingLayer, a flag each).
-    Returns the indices still checkpointed."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)]
-    keep = spread_layers(len(layers), count)
+    backward pass. transformers checkpoints per decoder layer (GradientCheckpointingLayer, a flag each)."""
+    layers = _decoder_layers(model)
+    keep = set(spread_layers(len(layers), count))
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in keep
-    return keep
 
 
 def checkpointed_layers(model: torch.nn.Module) -> list[int]:
     """Indices of the decoder layers that run under activation checkpointing."""
+    return [i for i, layer in enumerate(_decoder_layers(model)) if layer.gradient_checkpointing]
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """transformers' decoder layers in depth order: each checkpoints itself when its own flag is set."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)]
-    return [i for i, layer in enumerate(layers) if layer.gradient_checkpointing]
+    return [mod for mod in model.modules() if isinstance(mod, GradientCheckpointingLayer)]
 
 
 def missing_lora_targets(model: torch.nn.Module, lora: LoRAConfig) -> None:
