@@ -40,6 +40,9 @@ class ModelConfig:
     # with gradient_checkpointing: checkpoint this many decoder layers, spread over the depth (null: all); the
     # others keep their activations: faster, more memory (MOE_TRAINING_GUIDE.md section 8 has the measured sizes)
     gradient_checkpointing_layers: Optional[int] = None
+    # keep the activations saved for the backward pass (with checkpointing: each layer's input) in pinned CPU
+    # memory, copied on a side stream: the memory floor for long rows or small GPUs, at a measured speed cost; CUDA
+    offload_activations: bool = False
     load_in_4bit: bool = False  # QLoRA: bitsandbytes 4-bit base weights (CUDA only)
     liger_kernel: bool = False  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA
     bnb_4bit_quant_type: str = "nf4"
@@ -61,7 +64,7 @@ class DataConfig:
     max_length: int = 2048
     overlong: str = "truncate"  # truncate: keep the first max_length tokens; drop: skip the conversation
     on_error: str = "raise"  # a bad row: raise (name file, line, problem) | skip (count per reason, report)
-    packing: bool = False  # padding-free: a micro-batch becomes one row, attention kept inside each example
+    packing: bool = False  # padding-free: conversations share rows of max_length, attention kept inside each
     batch_size: int = 4
     num_workers: int = 0
     pin_memory: bool = False

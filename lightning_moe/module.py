@@ -9,6 +9,7 @@ Checkpoints hold only what trains (LoRA, routers, experts, router biases): a 12B
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass
 
@@ -19,6 +20,7 @@ from transformers import PretrainedConfig
 from lightning_moe.config import Sections
 from lightning_moe.flops import FlopCounts, count_flops, nominal_active_experts
 from lightning_moe.modeling import build_model, checkpointed_layers, keep_lora_inputs_in_autocast_dtype
+from lightning_moe.offload import OffloadSavedActivations
 from lightning_moe.redact import redact
 from lightning_moe.resume import base_model_record
 from lightning_moe.schedules import WarmupDecay
@@ -53,6 +55,7 @@ class MoELoRAModule(pl.LightningModule):
         self.nonfinite_steps = 0  # optimizer steps skipped for NaN/Inf gradients
         self.nonfinite_stop = False
         self._pending_grads: dict | None = None
+        self.offload: OffloadSavedActivations | None = None  # model.offload_activations
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -65,6 +68,8 @@ class MoELoRAModule(pl.LightningModule):
         if self._trainer is not None and "mixed" in str(self.trainer.precision):
             keep_lora_inputs_in_autocast_dtype(self.model)
         self.flops = count_flops(self.model, self.model_config, nominal_active_experts(s.moe))
+        if s.model.offload_activations:  # a CUDA device: checked before the weights (prechecks.py)
+            self.offload = OffloadSavedActivations()
 
     def describe(self) -> dict:
         """What was built, for summary.json."""
@@ -99,7 +104,7 @@ class MoELoRAModule(pl.LightningModule):
         attn = batch.get("attention_mask")
         ids = batch["input_ids"]
         self.routing.start(
-            token_mask=(attn if attn is not None else torch.ones_like(ids)).reshape(-1).bool(),
+            token_mask=batch["segment_ids"].reshape(-1) >= 0,  # real tokens: padding is segment -1 in both forms
             token_domain=batch["token_domain"].reshape(-1),
             segments=batch["segment_ids"].reshape(-1),
             num_segments=batch["num_examples"],
@@ -107,13 +112,14 @@ class MoELoRAModule(pl.LightningModule):
             pool_mask=batch["prompt_mask"].reshape(-1),
             packed="position_ids" in batch,
         )
-        out = self.model(
-            input_ids=ids,
-            attention_mask=attn,
-            position_ids=batch.get("position_ids"),
-            labels=batch["labels"],
-            use_cache=False,  # a KV cache would also switch off transformers' packed-sequence (block-diagonal) masks
-        )
+        with self.offload if self.offload is not None and self.training else contextlib.nullcontext():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=attn,
+                position_ids=batch.get("position_ids"),
+                labels=batch["labels"],
+                use_cache=False,  # a KV cache would also switch off transformers' packed-sequence masks
+            )
         records = self.routing.stop()
         losses = {"lm_loss": out.loss}
         total = out.loss

@@ -55,6 +55,9 @@ def check_before_weights(cfg: DictConfig, sections: Sections) -> PretrainedConfi
                     cuda and torch.cuda.is_bf16_supported())
     if sections.model.liger_kernel:
         check_liger(model_config.model_type, str(trainer.get("accelerator", "auto")), cuda)
+    if sections.model.offload_activations and (str(trainer.get("accelerator", "auto")) == "cpu" or not cuda):
+        raise ConfigError("model.offload_activations: moves activations from a CUDA GPU to CPU memory; this run "
+                          "has no CUDA GPU: set model.offload_activations=false")
     return model_config
 
 

@@ -55,3 +55,29 @@ def test_the_recipe_trains_on_the_gpu_with_liger_and_moe(tmp_path):
     s = read_summary(run_dir)
     assert s["stop_reason"] == "max_steps" and s["global_step"] == 4 and s["model"]["moe_layers"] == [1, 3]
     assert math.isfinite(s["train_loss"]) and math.isfinite(s["val_loss"])
+
+
+def test_activation_offloading_on_a_side_stream_gives_the_same_gradients():
+    """model.offload_activations on CUDA: copies to pinned memory on a side stream, back on the compute stream.
+    A missing stream wait would hand the backward pass stale or half-copied activations."""
+    from lightning_moe.offload import OffloadSavedActivations
+
+    cfg = resolve_model_config(ModelConfig(init="random", arch="tiny-mistral"))
+    ids = torch.randint(4, 2048, (4, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    runs = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        ctx = RoutingContext()
+        model, _ = build_model(ModelConfig(init="random", arch="tiny-mistral", gradient_checkpointing=True),
+                               LoRAConfig(r=8, alpha=16), MoEConfig(expert_dim=8, num_layers=2), cfg, ctx,
+                               vocab_size=2048, device=torch.device("cuda"))
+        hooks = OffloadSavedActivations(min_bytes=4096)
+        ctx.start()
+        with hooks if offload else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        ctx.stop()
+        loss.backward()
+        runs.append((hooks.offloaded_bytes, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert runs[0][0] == 0 and runs[1][0] >= cfg.num_hidden_layers * 4 * 512 * cfg.hidden_size * 4
+    for name, grad in runs[1][1].items():
+        torch.testing.assert_close(grad, runs[0][1][name], msg=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -117,6 +118,37 @@ def test_selective_checkpointing_keeps_the_chosen_layers_and_the_same_gradients(
         assert grads.keys() == runs["none"][2].keys()
         for k, g in grads.items():
             torch.testing.assert_close(g, runs["none"][2][k], msg=k)
+
+
+def test_offloaded_activations_are_the_checkpointed_layer_inputs_and_give_the_same_gradients():
+    """model.offload_activations packs what autograd saves into CPU memory: with checkpointing on every layer that
+    is each decoder layer's input. The hooks run here with the CPU standing in for the GPU (device_type="cpu"):
+    what gets offloaded, and exact gradients after the round trip. The GPU run is in tests/test_gpu.py."""
+    from lightning_moe.offload import OffloadSavedActivations
+
+    cfg = resolve_model_config(ModelConfig(init="random", arch="tiny-mistral"))
+    runs = {}
+    for offload in (False, True):
+        torch.manual_seed(0)
+        ctx = RoutingContext()
+        model, _ = build_model(ModelConfig(init="random", arch="tiny-mistral", gradient_checkpointing=True),
+                               LoRAConfig(r=4, alpha=8), MoEConfig(expert_dim=8, num_layers=2), cfg, ctx, 2048)
+        hooks = OffloadSavedActivations(min_bytes=1024, device_type="cpu")
+        torch.manual_seed(1)
+        ids = torch.randint(0, 2000, (2, 64))
+        ctx.start()
+        with hooks if offload else contextlib.nullcontext():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        ctx.stop()
+        loss.backward()
+        runs[offload] = hooks.offloaded_bytes, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    layer_input = 2 * 64 * cfg.hidden_size * 4  # (batch, seq, hidden) float32
+    assert runs[False][0] == 0 and runs[True][0] >= cfg.num_hidden_layers * layer_input
+    for k, g in runs[True][1].items():
+        torch.testing.assert_close(g, runs[False][1][k], msg=k)
+    weight = next(p for p in model.parameters() if p.numel() * 4 >= 1024)
+    mask = torch.ones(64, 64, dtype=torch.bool)
+    assert hooks._pack(weight) is weight and hooks._pack(mask) is mask  # never copied: parameters, masks
 
 
 def test_qlora_nf4_trains_on_cpu(tmp_path):

@@ -206,13 +206,14 @@ def test_non_finite_gradients_are_skipped_then_stop_and_never_reach_checkpoints(
     ("data.batch_size=0", "data.batch_size"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
     ("trainer.accelerator=cpu", "model.liger_kernel"),  # Liger's kernels are Triton: CUDA only
+    ("trainer.accelerator=cpu model.liger_kernel=false model.offload_activations=true", "model.offload_activations"),
 ])
 def test_bad_config_on_the_12b_recipe_fails_in_seconds_before_any_weights(tmp_path, override, key):
     """On the 12B architecture with random init, loading anything would take minutes and 24 GB: finishing in
     under 10 s proves the check ran before weights."""
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, str(REPO / "train.py"), "+recipe=therapeutic_h100", "model.init=random",
-                          override, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=clean_env(),
+                          *override.split(), f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=clean_env(),
                          capture_output=True, text=True, timeout=60)
     elapsed = time.monotonic() - t0
     assert out.returncode != 0 and key in out.stderr, out.stderr[-2000:]
