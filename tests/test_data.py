@@ -157,28 +157,55 @@ def test_split_is_90_10_and_deterministic_by_seed(tokenizer):
     assert len(a) == round(0.1 * total)
 
 
-def test_packed_batch_equals_each_example_alone(tokenizer):
-    """Padding-free packing must not let attention (or the loss) cross conversation boundaries."""
+def _packed_logits(out, packed, feats):
+    """Each conversation's logits out of a packed batch, found through its segment id."""
+    return [out.logits[packed["segment_ids"] == i] for i in range(len(feats))]
+
+
+@pytest.mark.parametrize("row_length", [None, "longest"], ids=["one-row", "rows-of-max-length"])
+def test_packed_batch_equals_each_example_alone(tokenizer, row_length):
+    """Padding-free packing must not let attention (or the loss) cross conversation boundaries, neither inside a
+    row nor into the padding segment that fills a shorter row."""
     model = tiny_model("tiny-mistral", seed=3, vocab_size=len(tokenizer))
     render = ChatRenderer(tokenizer, 4096)
     convs = [CONV, CONV[:3], [CONV[1], {"role": "assistant", "content": "Tell me more about that."}]]
     feats = [render(c) | {"domain_id": i} for i, c in enumerate(convs)]
-    packed = ChatCollator(tokenizer.pad_token_id, packing=True)(feats)
+    lengths = [len(f["input_ids"]) for f in feats]
+    cap = None if row_length is None else max(lengths)  # the longest alone in a row, the two others share one
+    packed = ChatCollator(tokenizer.pad_token_id, packing=True, row_length=cap)(feats)
     padded = ChatCollator(tokenizer.pad_token_id)(feats)
-    assert packed["position_ids"][0].tolist() == [p for f in feats for p in range(len(f["input_ids"]))]
-    assert packed["num_tokens"] == padded["num_tokens"] == padded["attention_mask"].sum()
+    if cap is None:
+        assert packed["position_ids"][0].tolist() == [p for f in feats for p in range(len(f["input_ids"]))]
+    else:
+        assert lengths[0] > lengths[1] + lengths[2] > lengths[1]  # so: 2 rows, the second with a padding segment
+        assert packed["input_ids"].shape == (2, lengths[0])
+        assert packed["segment_ids"][1].tolist() == [1] * lengths[1] + [2] * lengths[2] + [-1] * (
+            lengths[0] - lengths[1] - lengths[2])
+    assert packed["num_tokens"] == padded["num_tokens"] == padded["attention_mask"].sum() == (
+        packed["segment_ids"] >= 0).sum()
     with torch.no_grad():
         out_packed = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], labels=packed["labels"])
         out_padded = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], labels=padded["labels"])
         singles = [model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])) for f in feats]
-    start = 0
-    for f, single in zip(feats, singles):
-        n = len(f["input_ids"])
-        torch.testing.assert_close(out_packed.logits[0, start : start + n], single.logits[0], rtol=1e-4, atol=1e-4)
-        start += n
+    for logits, single in zip(_packed_logits(out_packed, packed, feats), singles):
+        torch.testing.assert_close(logits, single.logits[0], rtol=1e-4, atol=1e-4)
     # token-weighted mean of per-example losses == packed loss == padded loss
     counts = [sum(lab != IGNORE_INDEX for lab in f["labels"][1:]) for f in feats]
     expected = sum(s.loss * c for s, c in zip(singles, counts)) / sum(counts)
     torch.testing.assert_close(out_packed.loss, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_padded.loss, expected, rtol=1e-5, atol=1e-5)
-    assert packed["token_domain"][0].tolist() == [i for i, f in enumerate(feats) for _ in f["input_ids"]]
+    for i, f in enumerate(feats):
+        assert packed["token_domain"][packed["segment_ids"] == i].tolist() == [i] * len(f["input_ids"])
+
+
+def test_packing_fills_rows_of_max_length_first_fit_longest_first():
+    """Conversations go into rows of at most row_length tokens; a row that holds one full-length conversation and
+    no padding has position_ids 0..n-1, which transformers runs with the causal kernel and no mask."""
+    feats = [{"input_ids": [5] * n, "labels": [IGNORE_INDEX] + [5] * (n - 1), "domain_id": 0}
+             for n in (300, 1000, 700, 1000, 48)]
+    packed = ChatCollator(0, packing=True, row_length=1048)(feats)
+    rows = [sorted(set(r.tolist()) - {-1}) for r in packed["segment_ids"]]
+    assert rows == [[1, 4], [3], [0, 2]]  # 1000+48 | 1000 (+48 padding) | 700+300 (+48 padding)
+    assert packed["input_ids"].shape == (3, 1048) and packed["num_tokens"] == 3048
+    full = ChatCollator(0, packing=True, row_length=1000)([feats[1], feats[3]])
+    assert full["position_ids"].tolist() == [list(range(1000))] * 2 and (full["segment_ids"] >= 0).all()

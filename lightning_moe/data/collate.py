@@ -9,8 +9,13 @@ Both forms carry what the rest of the pipeline needs beyond input_ids/labels:
   num_tokens    real (non-padding) tokens, for throughput and MFU
   num_examples  conversations in the micro-batch
   attn_sq       sum of squared conversation lengths, for the attention term of the FLOP count
-Packed form: one row holding every conversation back to back, with position_ids restarting at 0 for each;
-transformers turns that into a block-diagonal causal mask, so attention never crosses conversations.
+Packed form: the conversations back to back in rows of at most `row_length` tokens (first fit, longest first),
+with position_ids restarting at 0 for each; transformers turns that into a block-diagonal causal mask, so
+attention never crosses conversations. A row shorter than the widest is filled with padding that forms its own
+segment (position_ids from 0, labels ignored, segment -1), so no attention_mask is needed. Rows of max_length,
+not one row of the whole micro-batch: SDPA computes the masked scores of a row in full, so 4 conversations of
+2048 tokens in one row would cost 4x the attention of 4 rows; and rows that each hold one conversation and no
+padding need no mask at all (the causal kernel, as unpacked).
 """
 
 from __future__ import annotations
@@ -27,6 +32,43 @@ class ChatCollator:
     pad_token_id: int
     packing: bool = False
     pad_to_multiple_of: int = 1
+    row_length: int | None = None  # packing: the most tokens in a row (data.max_length); None: one row
+
+    def _packed(self, features: list[dict], lengths: list[int]) -> dict:
+        rows: list[list[int]] = []  # conversation indices per row
+        room: list[int] = []
+        cap = self.row_length or sum(lengths)
+        for i in sorted(range(len(features)), key=lambda i: -lengths[i]):  # first fit decreasing
+            row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+            if row is None:
+                rows.append([])
+                room.append(max(cap, lengths[i]))
+                row = len(rows) - 1
+            rows[row].append(i)
+            room[row] -= lengths[i]
+        width = -(-max(sum(lengths[i] for i in r) for r in rows) // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        cols: dict[str, list[list[torch.Tensor]]] = {k: [] for k in ("ids", "labels", "pos", "dom", "seg", "prompt")}
+        for r in rows:
+            parts = {k: [] for k in cols}
+            for i in sorted(r):  # the micro-batch's order within a row
+                f, n = features[i], lengths[i]
+                parts["ids"].append(torch.tensor(f["input_ids"]))
+                parts["labels"].append(torch.tensor(f["labels"]))
+                parts["pos"].append(torch.arange(n))
+                parts["dom"].append(torch.full((n,), f["domain_id"]))
+                parts["seg"].append(torch.full((n,), i))
+                parts["prompt"].append(torch.arange(n) < _prompt_length(f))
+            pad = width - sum(lengths[i] for i in r)
+            if pad:  # its own segment: attends only to itself, trains nothing, routes nowhere
+                for k, v in (("ids", self.pad_token_id), ("labels", IGNORE_INDEX), ("dom", -1), ("seg", -1)):
+                    parts[k].append(torch.full((pad,), v))
+                parts["pos"].append(torch.arange(pad))
+                parts["prompt"].append(torch.zeros(pad, dtype=torch.bool))
+            for k in cols:
+                cols[k].append(torch.cat(parts[k]))
+        ids, labels, pos, dom, seg, prompt = (torch.stack(cols[k]) for k in cols)
+        return {"input_ids": ids, "labels": labels, "position_ids": pos, "token_domain": dom, "segment_ids": seg,
+                "prompt_mask": prompt}
 
     def __call__(self, features: list[dict]) -> dict:
         lengths = [len(f["input_ids"]) for f in features]
@@ -37,14 +79,7 @@ class ChatCollator:
             "example_domain": torch.tensor([f["domain_id"] for f in features]),
         }
         if self.packing:
-            ids = torch.tensor([t for f in features for t in f["input_ids"]]).unsqueeze(0)
-            labels = torch.tensor([t for f in features for t in f["labels"]]).unsqueeze(0)
-            pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-            dom = torch.cat([torch.full((n,), f["domain_id"]) for n, f in zip(lengths, features)]).unsqueeze(0)
-            seg = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).unsqueeze(0)
-            prompt = torch.cat([torch.arange(n) < _prompt_length(f) for n, f in zip(lengths, features)]).unsqueeze(0)
-            return {"input_ids": ids, "labels": labels, "position_ids": pos, "token_domain": dom, "segment_ids": seg,
-                    "prompt_mask": prompt, **meta}
+            return self._packed(features, lengths) | meta
         width = -(-max(lengths) // self.pad_to_multiple_of) * self.pad_to_multiple_of
         ids = torch.full((len(features), width), self.pad_token_id)
         labels = torch.full((len(features), width), IGNORE_INDEX)

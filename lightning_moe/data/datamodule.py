@@ -26,7 +26,7 @@ class ChatDataModule(pl.LightningDataModule):
     def __init__(self, cfg: DataConfig, tokenizer, domains: list[str]):
         super().__init__()
         self.cfg, self.tokenizer, self.domains = cfg, tokenizer, domains
-        self.collator = ChatCollator(tokenizer.pad_token_id, packing=cfg.packing)
+        self.collator = ChatCollator(tokenizer.pad_token_id, packing=cfg.packing, row_length=cfg.max_length)
         self.train_set = self.val_set = None
         self.stats: dict = {}
 
