@@ -179,8 +179,13 @@ class MoELoRAModule(pl.LightningModule):
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        fused = o.fused if o.fused is not None else self.device.type == "cuda"
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+        if o.name == "adamw_8bit":
+            import bitsandbytes as bnb
+
+            opt = bnb.optim.AdamW8bit(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        else:
+            fused = o.fused if o.fused is not None else self.device.type == "cuda"
+            opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
         if o.scheduler != "constant" and o.warmup_steps >= total:
             log.warning(

@@ -155,22 +155,28 @@ def test_time_budget_stops_with_a_checkpoint_of_the_final_step(tmp_path):
 
 
 def test_qlora_through_train_py(tmp_path):
-    """4-bit nf4 base (bitsandbytes on CPU) + LoRA + MoE, from a local model directory."""
+    """4-bit nf4 base (bitsandbytes on CPU) + LoRA + MoE, from a local model directory, with bitsandbytes' 8-bit
+    AdamW (optim.name=adamw_8bit): the memory-floor pair."""
     tiny_model("tiny-mistral").save_pretrained(tmp_path / "model")
     out = run_train(f"model.name_or_path={tmp_path / 'model'}", "model.init=pretrained", "model.load_in_4bit=true",
-                    "model.bnb_4bit_compute_dtype=float32", f"hydra.run.dir={tmp_path}/run", *FAST)
+                    "model.bnb_4bit_compute_dtype=float32", "optim.name=adamw_8bit", f"hydra.run.dir={tmp_path}/run",
+                    *FAST)
     assert out.returncode == 0, out.stdout[-3000:]
     assert "in eval mode at the start of training" not in out.stdout  # Lightning's own check: from_pretrained
     s = read_summary(tmp_path / "run")
     assert s["stop_reason"] == "max_steps" and s["global_step"] == 4
     assert s["model"]["linear_4bit_modules"] == 4 * 7 and s["model"]["moe_layers"] == [0, 1, 2, 3]
     assert s["model"]["trainable_params"] < s["model"]["total_params"] / 2
+    states = torch.load(s["last_checkpoint"], weights_only=False)["optimizer_states"][0]["state"].values()
+    moments = [st.get("__bnb_optimizer_quant_state__", st)["state1"] for st in states]  # first moments
+    assert all(m.dtype == (torch.uint8 if m.numel() >= 4096 else torch.float32) for m in moments)  # bnb: small in fp32
+    assert any(m.dtype == torch.uint8 for m in moments)
 
 
 def test_recipe_training_path_bf16_fused_adamw_clipping_checkpointing(tmp_path):
     """therapeutic_h100's optimisation settings on the tiny architecture: bf16-mixed, fused AdamW with gradient
     clipping (which Lightning's mixed-precision plugin refuses on its own), selective activation checkpointing
-    (the recipe's 20 of 40 layers becomes 2 of 4), workers."""
+    (the recipe's 4 of 40 layers becomes 2 of 4), workers."""
     run_dir = tmp_path / "run"
     out = run_train("+recipe=therapeutic_h100", "model.init=random", "model.arch=tiny-mistral", "moe.layers=[1,3]",
                     "model.tokenizer=data/tokenizer", "model.liger_kernel=false", "model.gradient_checkpointing=true",
