@@ -5,12 +5,17 @@
     python train.py -m moe.top_k=1,2 optim.lr=1e-4,3e-4   # a sweep, with a table of results at the end
 """
 
+import os
 import sys
 
-import hydra
-from omegaconf import DictConfig
+# Micro-batches of real conversations change shape every step; growable segments keep the CUDA caching allocator
+# from fragmenting (measured on real data: 98 GiB reserved for a 54 GiB peak without, 54.6 with). Before torch loads.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from lightning_moe.config import ConfigError, validate_config
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from lightning_moe.config import ConfigError, validate_config  # noqa: E402
 
 EXIT_SIGTERM = 143  # 128 + SIGTERM: schedulers (Lightning jobs, SLURM) read it as "preempted, retry"
 EXIT_CONFIG = 2
