@@ -1,6 +1,6 @@
 """Speed and memory of this project's training path against a plain transformers + PEFT loop, on one GPU.
 
-    python scripts/benchmark.py --out /tmp/b     # (a), (b), (c) and the recipes' settings: ~7 min on one H200
+    python scripts/benchmark.py --out /tmp/b     # (a), (b), (c), the memory floor, the recipes: ~8 min, one H200
     python scripts/benchmark.py --out /tmp/b --only all        # every variant: ~1 min each, longest/qlora more
     python scripts/benchmark.py --out /tmp/b --only plain,moe,nomoe
     python scripts/benchmark.py --out /tmp/b --recipe none --arch tiny-mistral --seq 128 --only plain,moe   # CPU
@@ -12,17 +12,20 @@ lightning_moe/architectures/, the bundled tokenizer):
   moe          (b) train.py +recipe=RECIPE model.init=random on synthetic conversations of >= seq tokens
                    (truncated to seq, so every token is real), MoE on: the Trainer, callbacks and all
   nomoe        (c) the same with moe=none
-  moe_ckpt_b4  (b) with activation checkpointing on every layer and micro-batch 4
-  h100         (b) with +recipe=therapeutic_h100 as committed (micro-batch 4, every other layer checkpointed)
-  h200         (b) with +recipe=therapeutic_h200 (micro-batch 4, no checkpointing); h200_nomoe: MoE off
+  moe_ckpt_b4  (b) with activation checkpointing on every layer and micro-batch 4; moe_ckpt_b4_offload: and
+               the saved activations in CPU memory (model.offload_activations); moe_ckpt_b4_floor: and
+               8-bit AdamW moments (optim.name=adamw_8bit)
+  h100         (b) with +recipe=therapeutic_h100 as committed
+  h100_drop05  therapeutic_h100 with LoRA dropout 0.05 (peft keeps a dropped-out copy of each adapted input)
+               and every other layer checkpointed; h100_nockpt: therapeutic_h100 without checkpointing
+  h200         (b) with +recipe=therapeutic_h200 (micro-batch 8, no checkpointing); h200_nomoe: MoE off
   longest      (b) at batch 1 with checkpointing, for each --longest length until one does not fit
   qlora        (b) with +recipe=therapeutic_qlora (nf4) at batch 1: the random model is saved once, then
-                   loaded in 4 bits the way pretrained weights are; qlora_bf16: without peft's float32
-                   upcast of the unquantised weights (model.upcast_non_quantized=false)
+                   loaded in 4 bits the way pretrained weights are; qlora_upcast: with peft's float32
+                   upcast of the unquantised weights (model.upcast_non_quantized=true)
   real_padded  (b) on converted counsel-chat + ESConv (data/generated/, scripts/convert_*.py), padded
-  real_packed  (b) the same with padding-free packing (the recipe's default): 2 conversations a micro-batch;
-               real_packed_h200: therapeutic_h200's 4; real_packed_b8: 8 (accumulation 4);
-               real_packed_h100: therapeutic_h100 as committed
+  real_packed  (b) the same with padding-free packing (the recipes' default), 4 conversations a micro-batch;
+               real_packed_h200: therapeutic_h200's 8; real_packed_h100: therapeutic_h100 as committed
 Tokens/s counts real (non-padding) tokens; MFU is model FLOPs (lightning_moe/flops.py, MOE_TRAINING_GUIDE.md)
 over the dense bf16 peak; peak memory is torch.cuda.max_memory_allocated. Writes OUT/results.json (+ one JSON
 and one log per variant) and prints a table with each variant's ratio to (a). --memory adds, per variant,
@@ -43,9 +46,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ["plain", "moe", "nomoe", "moe_ckpt_b4", "h100", "h200", "h200_nomoe", "longest", "qlora", "qlora_bf16",
-            "real_padded", "real_packed", "real_packed_h100", "real_packed_h200", "real_packed_b8"]
-DEFAULT = ["plain", "moe", "nomoe", "moe_ckpt_b4", "h100", "h200", "h200_nomoe"]  # the side-by-side, < 10 min
+VARIANTS = ["plain", "moe", "nomoe", "moe_ckpt_b4", "moe_ckpt_b4_offload", "moe_ckpt_b4_floor", "h100",
+            "h100_drop05", "h100_nockpt", "h200", "h200_nomoe", "longest", "qlora", "qlora_upcast",
+            "real_padded", "real_packed", "real_packed_h100", "real_packed_h200"]
+# the side-by-side of item 2's targets in < 10 min: (a), (b), (c), the memory floor, the recipes
+DEFAULT = ["plain", "moe", "nomoe", "moe_ckpt_b4", "moe_ckpt_b4_floor", "h100", "h200"]
 REAL_DATA = ["data/generated/counsel_chat.jsonl", "data/generated/esconv.jsonl"]
 
 
@@ -140,23 +145,29 @@ def train_args(name: str, a, out: Path) -> list[str] | None:
     data = None
     if name == "nomoe":
         extra = ["moe=none"]
-    elif name == "moe_ckpt_b4":
-        extra = ["model.gradient_checkpointing=true", "data.batch_size=4"]
-    elif name == "h100":
+    elif name.startswith("moe_ckpt_b4"):
+        extra = ["model.gradient_checkpointing=true", "model.gradient_checkpointing_layers=null", "data.batch_size=4"]
+        extra += ["model.offload_activations=true"] if name != "moe_ckpt_b4" else []
+        extra += ["optim.name=adamw_8bit"] if name == "moe_ckpt_b4_floor" else []
+    elif name.startswith("h100"):
         recipe = ["+recipe=therapeutic_h100", "model.init=random"]
+        if name == "h100_drop05":
+            extra = ["lora.dropout=0.05", "model.gradient_checkpointing=true", "model.gradient_checkpointing_layers=20"]
+        elif name == "h100_nockpt":
+            extra = ["model.gradient_checkpointing=false", "model.gradient_checkpointing_layers=null"]
     elif name in ("h200", "h200_nomoe"):
         recipe = ["+recipe=therapeutic_h200", "model.init=random"] + (["moe=none"] if name == "h200_nomoe" else [])
     elif name.startswith("longest_"):
         seq = int(name.split("_")[1])
         extra, warmup, micro = ["model.gradient_checkpointing=true", "data.batch_size=1"], 1, 1  # ~1 min/step
         data = synthetic_conversations(out / f"synthetic_{seq}.jsonl", 8, seq)
-    elif name in ("qlora", "qlora_bf16"):
+    elif name in ("qlora", "qlora_upcast"):
         model_dir = a.scratch / f"random-{a.arch}"  # 24 GB for the 12B: not beside the results
         if not (model_dir / "config.json").exists():
             subprocess.run([sys.executable, __file__, "--_save-random", str(model_dir), "--arch", a.arch], check=True)
         recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={model_dir}", "model.tokenizer=data/tokenizer",
                   "model.gradient_checkpointing=true", "data.batch_size=1"]
-        extra = ["model.upcast_non_quantized=false"] if name == "qlora_bf16" else []
+        extra = ["model.upcast_non_quantized=true"] if name == "qlora_upcast" else []
     elif name.startswith("real_"):
         if name in ("real_packed_h200", "real_packed_h100"):
             recipe = [f"+recipe=therapeutic_{name.rsplit('_', 1)[1]}", "model.init=random"]
@@ -165,8 +176,6 @@ def train_args(name: str, a, out: Path) -> list[str] | None:
             print(f"skipping {name}: {missing} missing (scripts/convert_counsel_chat.py, convert_esconv.py)")
             return None
         extra = [f"data.train_files=[{','.join(REAL_DATA)}]", f"data.packing={name != 'real_padded'}"]
-        if name == "real_packed_b8":
-            extra += ["data.batch_size=8", "trainer.accumulate_grad_batches=4"]
     if data is None and not name.startswith("real_"):
         # enough rows that the timed window never reaches the end of an epoch (a dataloader restart and a short
         # last batch would be timed): micro-batches of up to 8, 90% of the rows in the training split

@@ -42,13 +42,15 @@ def test_therapeutic_h100_has_every_value_of_the_design():
     assert resolve_moe_layers(s.moe, 40) == [5, 15, 25, 35]  # 4 layers spread over the 40-layer depth
     assert cfg.trainer.precision == "bf16-mixed" and s.optim.fused is True and s.model.gradient_checkpointing
     assert (s.data.batch_size, cfg.trainer.accumulate_grad_batches) == (4, 8)
-    assert s.model.liger_kernel and s.model.gradient_checkpointing_layers == 20  # every other layer: fits 80 GB
-    qlora = validate_config(compose(["+recipe=therapeutic_qlora"])).model
-    assert qlora.load_in_4bit and qlora.gradient_checkpointing_layers is None and not qlora.upcast_non_quantized
-    # the measured faster variants (scripts/benchmark.py) drop checkpointing and keep the effective batch of 32
+    # measured (scripts/benchmark.py): 4 checkpointed layers of 40, LoRA dropout 0 (no dropped-out input copies)
+    assert s.model.liger_kernel and s.model.gradient_checkpointing_layers == 4 and s.lora.dropout == 0
+    qlora = validate_config(compose(["+recipe=therapeutic_qlora"]))
+    assert qlora.model.load_in_4bit and qlora.model.gradient_checkpointing_layers is None
+    assert not qlora.model.upcast_non_quantized and qlora.optim.name == "adamw_8bit"
+    # the measured faster variants drop checkpointing and keep the effective batch of 32
     fast, h200 = compose(["+recipe=therapeutic_h100_fast"]), compose(["+recipe=therapeutic_h200"])
-    assert (fast.data.batch_size, fast.trainer.accumulate_grad_batches) == (2, 16)
-    assert h200.data.batch_size * h200.trainer.accumulate_grad_batches == 32
+    assert (fast.data.batch_size, fast.trainer.accumulate_grad_batches) == (4, 8)
+    assert (h200.data.batch_size, h200.trainer.accumulate_grad_batches) == (8, 4)
     assert not fast.model.gradient_checkpointing and not h200.model.gradient_checkpointing
     assert (s.data.num_workers, s.data.pin_memory) == (4, True)
     assert (s.optim.lr, s.optim.scheduler, s.optim.warmup_steps, s.optim.weight_decay) == (3e-4, "cosine", 1000, 0.01)
@@ -89,6 +91,7 @@ def test_cfg_job_prints_the_recipe(tmp_path):
         ("model.init=scratch", "model.init"),
         ("model.gradient_checkpointing_layers=2", "model.gradient_checkpointing_layers"),  # checkpointing is off
         ("model.gradient_checkpointing_layers=0", "model.gradient_checkpointing_layers"),
+        ("optim.name=adam8", "optim.name"),
     ],
 )
 def test_bad_values_are_named(override, key):
