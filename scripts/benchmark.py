@@ -7,7 +7,7 @@
 
 Variants, each in its own process (so each peak memory is its own), no download (random weights built from
 lightning_moe/architectures/, the bundled tokenizer):
-  plain        (a) a plain loop written here: transformers + PEFT, LoRA r16/alpha32 on all 7 projections,
+  plain        (a) a plain loop written here: transformers + PEFT, LoRA r16/alpha32/dropout 0 on all 7 projections,
                    SDPA, bf16 weights, activation checkpointing, fused AdamW, batch 4 x seq random tokens
   moe          (b) train.py +recipe=RECIPE model.init=random on synthetic conversations of >= seq tokens
                    (truncated to seq, so every token is real), MoE on: the Trainer, callbacks and all
@@ -77,7 +77,7 @@ def plain_loop(arch: str, seq: int, batch: int, warmup: int, steps: int, device:
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.05,
+        r=16, lora_alpha=32, lora_dropout=0.0,  # the recipes' LoRA: r16, alpha 32, no dropout
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
