@@ -2,7 +2,7 @@
 
 With activation checkpointing on every layer, what the backward pass keeps is one (tokens x hidden) input per
 decoder layer (torch's non-reentrant checkpoint saves them through `save_for_backward`, so saved-tensor hooks
-see them): 2.7 GiB at micro-batch 4 x 2048 on NeMo-12B, the largest item above the weights
+see them): 3.1 GiB at micro-batch 4 x 2048 on NeMo-12B, the largest item above the weights
 (MOE_TRAINING_GUIDE.md section 8). `torch.autograd.graph.save_on_cpu` moves them too, but also copies every saved
 parameter and mask each step and blocks the GPU on each copy; this version leaves parameters, non-float tensors
 (masks, ids) and small tensors where they are, and copies on a side stream so the forward pass does not wait.

@@ -36,19 +36,19 @@ class ChatCollator:
 
     def _packed(self, features: list[dict], lengths: list[int]) -> dict:
         rows: list[list[int]] = []  # conversation indices per row
-        room: list[int] = []
+        used: list[int] = []  # tokens per row
         cap = self.row_length or sum(lengths)
         for i in sorted(range(len(features)), key=lambda i: -lengths[i]):  # first fit decreasing
-            row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+            row = next((r for r, n in enumerate(used) if n + lengths[i] <= cap), None)
             if row is None:
                 rows.append([])
-                room.append(max(cap, lengths[i]))
+                used.append(0)
                 row = len(rows) - 1
             rows[row].append(i)
-            room[row] -= lengths[i]
-        width = -(-max(sum(lengths[i] for i in r) for r in rows) // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            used[row] += lengths[i]
+        width = -(-max(used) // self.pad_to_multiple_of) * self.pad_to_multiple_of
         cols: dict[str, list[list[torch.Tensor]]] = {k: [] for k in ("ids", "labels", "pos", "dom", "seg", "prompt")}
-        for r in rows:
+        for r, n_used in zip(rows, used):
             parts = {k: [] for k in cols}
             for i in sorted(r):  # the micro-batch's order within a row
                 f, n = features[i], lengths[i]
@@ -58,7 +58,7 @@ class ChatCollator:
                 parts["dom"].append(torch.full((n,), f["domain_id"]))
                 parts["seg"].append(torch.full((n,), i))
                 parts["prompt"].append(torch.arange(n) < _prompt_length(f))
-            pad = width - sum(lengths[i] for i in r)
+            pad = width - n_used
             if pad:  # its own segment: attends only to itself, trains nothing, routes nowhere
                 for k, v in (("ids", self.pad_token_id), ("labels", IGNORE_INDEX), ("dom", -1), ("seg", -1)):
                     parts[k].append(torch.full((pad,), v))
