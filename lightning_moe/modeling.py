@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from lightning_moe.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig, resolve_moe_layers, spread_layers
 from lightning_moe.moe import MoEBlock, RoutingContext, inject_moe
+from lightning_moe.upstream import disable_bnb_cpu_packing
 from lightning_moe.paths import BUNDLED_TOKENIZER, architecture_file, known_architectures, resolve_path
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,8 @@ def build_model(
     # train with checkpointing, dropout and Liger's fused loss off (all three look at .training)
     model.train()
     model.config.use_cache = False
+    if m.load_in_4bit:
+        disable_bnb_cpu_packing(model)
     if m.liger_kernel:  # before LoRA and MoE wrap the MLPs: Liger patches the model's own modules
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
