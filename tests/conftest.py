@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,15 @@ def run_train(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict | No
         text=True,
         timeout=timeout,
     )
+
+
+def run_guarded(*args: str, entry: str = "train.py", cwd: Path = REPO, env: dict | None = None, timeout: float = 300):
+    """Run an entry point under tests/guarded.py: (CompletedProcess, report). The report says whether torch was
+    imported and whether any model weights were built before the process exited (structural, not timed)."""
+    report = Path(tempfile.mkdtemp()) / "report.json"
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "guarded.py"), str(report), str(REPO / entry), *args],
+                         cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    return out, json.loads(report.read_text())
 
 
 def run_script(script: Path, *args, cwd: Path = REPO):
