@@ -1,12 +1,13 @@
 """Fine-tune a HF causal LM with LoRA + domain-expert MoE layers. See README.md.
 
-    python train.py                                  # embedded tiny default: CPU, no download, < 2 min
+    python train.py                                  # embedded tiny default: CPU, no download
     python train.py +recipe=therapeutic_h100         # the 12B therapeutic recipe
     python train.py -m moe.top_k=1,2 optim.lr=1e-4,3e-4   # a sweep, with a table of results at the end
 """
 
 import os
 import sys
+from pathlib import Path
 
 # Micro-batches of real conversations change shape every step; growable segments keep the CUDA caching allocator
 # from fragmenting (measured on real data: 98 GiB reserved for a 54 GiB peak without, 54.6 with). Before torch loads.
@@ -15,10 +16,11 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from lightning_moe.config import ConfigError, validate_config  # noqa: E402
+from lightning_moe.cli import EXIT_SIGTERM, exit_on_user_error  # noqa: E402
+from lightning_moe.config import validate_config  # noqa: E402
+from lightning_moe.paths import set_project_root  # noqa: E402
 
-EXIT_SIGTERM = 143  # 128 + SIGTERM: schedulers (Lightning jobs, SLURM) read it as "preempted, retry"
-EXIT_CONFIG = 2
+set_project_root(Path(__file__).parent)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -28,33 +30,20 @@ def main(cfg: DictConfig) -> float | None:
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return _trial(cfg)
-    try:
-        summary = _run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+    summary = exit_on_user_error(lambda: _run(cfg))
     if summary["stop_reason"] == "sigterm":
         sys.exit(EXIT_SIGTERM)
     return summary.get("best_val_loss")
 
 
 def _run(cfg: DictConfig) -> dict:
-    sections = validate_config(cfg)  # before torch is imported: a bad override costs a second, not a model load
-    from lightning_moe.modeling import WeightsUnavailable
-    from lightning_moe.prechecks import check_before_weights
+    sections = validate_config(cfg)  # once, before torch is imported: a bad override costs a second
+    from lightning_moe.config.prechecks import check_before_weights
 
-    try:
-        # what needs the architecture but no weights, before Lightning/datasets/peft are even imported
-        model_config = check_before_weights(cfg, sections)
-        from lightning_moe.data import DataError
-        from lightning_moe.pipeline import run
+    hf_config = check_before_weights(cfg, sections)  # what needs the architecture, before Lightning or peft load
+    from lightning_moe.training.pipeline import run
 
-        try:
-            return run(cfg, model_config)
-        except DataError as e:
-            raise ConfigError(str(e)) from e
-    except WeightsUnavailable as e:
-        raise ConfigError(str(e)) from e
+    return run(cfg, sections, hf_config)
 
 
 def _trial(cfg: DictConfig) -> float | None:
@@ -67,11 +56,9 @@ def _trial(cfg: DictConfig) -> float | None:
     try:
         summary = _run(cfg)
     except Exception as e:  # noqa: BLE001  a sweep must survive any one trial
-        from pathlib import Path
-
         from hydra.core.hydra_config import HydraConfig
 
-        from lightning_moe.summary import write_summary
+        from lightning_moe.reporting.summary import write_summary
 
         logging.getLogger("train").error("trial failed: %s: %s", type(e).__name__, e)
         write_summary(Path(HydraConfig.get().runtime.output_dir),

@@ -26,7 +26,7 @@ lightning_moe/architectures/, the bundled tokenizer):
   real_padded  (b) on converted counsel-chat + ESConv (data/generated/, scripts/convert_*.py), padded
   real_packed  (b) the same with padding-free packing (the recipes' default), 4 conversations a micro-batch;
                real_packed_h200: therapeutic_h200's 8; real_packed_h100: therapeutic_h100 as committed
-Tokens/s counts real (non-padding) tokens; MFU is model FLOPs (lightning_moe/flops.py, MOE_TRAINING_GUIDE.md)
+Tokens/s counts real (non-padding) tokens; MFU is model FLOPs (lightning_moe/models/flops.py, MOE_TRAINING_GUIDE.md)
 over the dense bf16 peak; peak memory is torch.cuda.max_memory_allocated. Writes OUT/results.json (+ one JSON
 and one log per variant) and prints a table with each variant's ratio to (a). --memory adds, per variant,
 OUT/VARIANT.memory.txt: the allocations alive at one micro-batch's peak, by the code that made them.
@@ -44,7 +44,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 VARIANTS = ["plain", "moe", "nomoe", "moe_ckpt_b4", "moe_ckpt_b4_offload", "moe_ckpt_b4_floor", "h100",
             "h100_drop05", "h100_nockpt", "h200", "h200_nomoe", "longest", "qlora", "qlora_upcast",
@@ -55,8 +54,8 @@ REAL_DATA = ["data/generated/counsel_chat.jsonl", "data/generated/esconv.jsonl"]
 
 
 def architecture_config(arch: str):
-    from lightning_moe.config import ModelConfig
-    from lightning_moe.modeling import resolve_model_config
+    from lightning_moe.config.architecture import resolve_model_config
+    from lightning_moe.config.schema import ModelConfig
 
     return resolve_model_config(ModelConfig(init="random", arch=arch))
 
@@ -67,7 +66,7 @@ def plain_loop(arch: str, seq: int, batch: int, warmup: int, steps: int, device:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lightning_moe.flops import count_flops, dense_peak_flops
+    from lightning_moe.models.flops import count_flops, dense_peak_flops
 
     config = architecture_config(arch)
     dev = torch.device(device)
@@ -186,9 +185,14 @@ def train_args(name: str, a, out: Path) -> list[str] | None:
     return [sys.executable, str(REPO / "train.py"), *recipe, "logger=csv", f"data.max_length={seq}",
             "data.num_workers=2", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
             "trainer.max_steps=100000", "resume=false", f"hydra.run.dir={out / name}",
-            f"+callbacks.bench={{_target_: lightning_moe.bench.StepTimer, out: {out / name}.json, "
+            f"+callbacks.bench={{_target_: step_timer.StepTimer, out: {out / name}.json, "
             f"warmup: {warmup}, steps: {micro}, profile: {a.profile}, memory_trace: {a.memory}}}",
             *extra, *a.override]
+
+
+def _with_scripts() -> str:
+    """train.py subprocesses import the StepTimer callback (scripts/step_timer.py) by its `_target_`."""
+    return os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")) if p)
 
 
 # ---- driver -----------------------------------------------------------------------------------------------
@@ -204,7 +208,7 @@ def run_variant(name: str, a, out: Path) -> dict:
     t0 = time.monotonic()
     with open(out / f"{name}.log", "w") as log:
         proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout,
-                              env=os.environ | {"PYTHONUNBUFFERED": "1"})
+                              env=os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": _with_scripts()})
     text = (out / f"{name}.log").read_text(errors="replace")
     result = {"command": " ".join(cmd[1:]), "wall_s": round(time.monotonic() - t0, 1)}
     if (out / f"{name}.json").exists():

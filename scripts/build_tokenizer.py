@@ -1,10 +1,10 @@
-"""Build the bundled tokenizer (data/tokenizer/) from the bundled conversations.
+"""Build the bundled tokenizer (lightning_moe/assets/tokenizer/) from the bundled conversations.
 
 A byte-level BPE (any UTF-8 text encodes; nothing maps to <unk>) trained on data/therapeutic_sample.jsonl,
 with ChatML special tokens and a ChatML chat template whose assistant turns are wrapped in
 {% generation %} tags (so transformers' return_assistant_tokens_mask can cross-check our loss masks).
 
-    python scripts/build_tokenizer.py                       # rewrites data/tokenizer/
+    python scripts/build_tokenizer.py                       # rewrites lightning_moe/assets/tokenizer/
     python scripts/build_tokenizer.py --out /tmp/tok        # elsewhere (tests check it reproduces the bundled one)
 """
 
@@ -66,7 +66,7 @@ def build(files: list[Path], vocab_size: int) -> PreTrainedTokenizerFast:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", default=[str(REPO / "data" / "therapeutic_sample.jsonl")])
-    parser.add_argument("--out", default=str(REPO / "data" / "tokenizer"))
+    parser.add_argument("--out", default=str(REPO / "lightning_moe" / "assets" / "tokenizer"))
     parser.add_argument("--vocab-size", type=int, default=2048)
     args = parser.parse_args(argv)
     tokenizer = build([Path(f) for f in args.data], args.vocab_size)

@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a fresh clone without installing
 
-from lightning_moe.converters.common import add_common_arguments, run_cli  # noqa: E402
-from lightning_moe.converters.counsel_chat import convert_counsel_chat  # noqa: E402
+from lightning_moe.data.converters.common import add_common_arguments, run_cli
+from lightning_moe.data.converters.counsel_chat import convert_counsel_chat
 
 DEFAULT_CSV = REPO.parent / "shared" / "datasets" / "counsel_chat" / "20200325_counsel_chat.csv"
 DEFAULT_OUT = REPO / "data" / "generated" / "counsel_chat.jsonl"

@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a fresh clone without installing
 
-from lightning_moe.converters.common import add_common_arguments, run_cli  # noqa: E402
-from lightning_moe.converters.esconv import SPLITS, convert_esconv  # noqa: E402
+from lightning_moe.data.converters.common import add_common_arguments, run_cli
+from lightning_moe.data.converters.esconv import SPLITS, convert_esconv
 
 DEFAULT_INPUT = REPO.parent / "shared" / "datasets" / "esconv"
 DEFAULT_OUT = REPO / "data" / "generated" / "esconv.jsonl"

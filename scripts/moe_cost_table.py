@@ -6,18 +6,15 @@ classes, and counts with the same code the FLOP accounting uses (MoEBlock.flop_p
 """
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 from transformers.models.mistral.modeling_mistral import MistralMLP
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lightning_moe.config import MoEConfig  # noqa: E402
-from lightning_moe.moe import RoutingContext, build_router  # noqa: E402
-from lightning_moe.moe.layer import build_block  # noqa: E402
-from lightning_moe.paths import architecture_file  # noqa: E402
+from lightning_moe.config.schema import MoEConfig
+from lightning_moe.moe.layer import RoutingContext, build_block
+from lightning_moe.moe.routers import build_router
+from lightning_moe.paths import architecture_file
 
 LAYERS, E, K = 4, 4, 2  # the recipe: 4 experts, top-2, in 4 of 40 layers
 BASE_FLOPS = 47.84e9  # the recipe's model FLOPs per token at S=1024 (benchmarks/2026-11-22_h200_recipe_check)
@@ -39,7 +36,7 @@ def main() -> None:
         with torch.device("meta"):
             mlp = MistralMLP(cfg).to(torch.bfloat16).requires_grad_(False)
             moe = MoEConfig(top_k=K, num_experts=E, **kw)
-            block = build_block(mlp, build_router("topk", h, E, K, moe), moe.expert, 0, RoutingContext(), moe, h, E)
+            block = build_block(mlp, build_router(h, moe), 0, RoutingContext(), moe, h)
         routed = [block.router, block.experts]  # LoRA experts wrap the layer's own (frozen) MLP: not extra
         trainable = sum(p.numel() for m in routed for p in m.parameters() if p.requires_grad) * LAYERS
         copies = block.experts.parameters() if moe.expert == "upcycled" else []

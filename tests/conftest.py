@@ -10,7 +10,16 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on 2 cores: one thread per process, or OpenMP's spinning threads oversubscribe the cores (two
+    # 2-thread trainings side by side ran 7x slower than one after the other; 1 thread each, 1.3x faster in all)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -28,8 +37,8 @@ def compose(overrides: list[str] | None = None, run_dir: str | Path = "/tmp/ligh
 
 
 def tiny_hf_config(arch: str = "tiny-mistral", **overrides):
-    from lightning_moe.config import ModelConfig
-    from lightning_moe.modeling import resolve_model_config
+    from lightning_moe.config.architecture import resolve_model_config
+    from lightning_moe.config.schema import ModelConfig
 
     cfg = resolve_model_config(ModelConfig(init="random", arch=arch))
     for k, v in overrides.items():
@@ -47,10 +56,10 @@ def tiny_model(arch: str = "tiny-mistral", seed: int = 0, **overrides):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from lightning_moe.modeling import load_tokenizer
-    from lightning_moe.config import ModelConfig
+    from lightning_moe.config.schema import ModelConfig
+    from lightning_moe.models.tokenizer import load_tokenizer
 
-    return load_tokenizer(ModelConfig(init="random", arch="tiny-mistral", tokenizer="data/tokenizer"))
+    return load_tokenizer(ModelConfig(init="random", arch="tiny-mistral", tokenizer="bundled"))
 
 
 def train_cmd(*args: str) -> list[str]:
@@ -98,6 +107,22 @@ def read_jsonl(path) -> list[dict]:
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, worker_id) -> Path:
+    """`python train.py` (the embedded default) once per test session, shared by every test that only reads a
+    trained run's outputs or loads it (evaluate, generate, chat, export); with pytest-xdist the workers share it
+    through a file lock. Tests must not write into it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    run_dir = root / "trained_run"
+    with FileLock(str(root / "trained_run.lock")):
+        if not (run_dir / "summary.json").is_file():
+            out = run_train(f"hydra.run.dir={run_dir}", timeout=600)
+            assert out.returncode == 0, out.stdout[-3000:]
+    return run_dir
 
 
 # Short runs for tests that check wiring rather than learning: a few steps, one validation at the end.

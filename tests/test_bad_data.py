@@ -10,8 +10,8 @@ import re
 import pytest
 from conftest import FAST, REPO, read_summary, run_train
 
-from lightning_moe.config import DataConfig
-from lightning_moe.data import DataError
+from lightning_moe.config.schema import DataConfig
+from lightning_moe.data.formats import DataError
 from lightning_moe.data.datamodule import ChatDataModule
 from lightning_moe.data.formats import read_file, read_many, read_stats
 

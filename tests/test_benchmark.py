@@ -7,11 +7,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, clean_env
 
 SEQ = 64
 
 
+@pytest.mark.slow
 def test_benchmark_runs_both_paths_and_counts_real_tokens_and_model_flops(tmp_path):
     out = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--out", str(tmp_path), "--recipe", "none",
@@ -45,7 +48,8 @@ def test_benchmark_runs_both_paths_and_counts_real_tokens_and_model_flops(tmp_pa
 def test_memory_trace_replay_finds_the_peak_and_who_allocated_it():
     """peak_allocations replays the allocator's trace: the peak is the highest net total, and only blocks alive at
     that moment count, grouped by the Python frames that allocated them (torch.nn's call frames skipped)."""
-    from lightning_moe.bench import peak_allocations
+    sys.path.insert(0, str(REPO / "scripts"))
+    from step_timer import peak_allocations
 
     def frames(name):
         return [{"filename": "/x/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"},

@@ -8,8 +8,10 @@ import pytest
 import torch
 from conftest import REPO, tiny_model
 
-from lightning_moe.config import DataConfig
-from lightning_moe.data import ChatCollator, ChatRenderer, DataError, TemplateError, read_conversations
+from lightning_moe.config.schema import DataConfig
+from lightning_moe.data.chat import ChatRenderer, TemplateError
+from lightning_moe.data.collate import ChatCollator
+from lightning_moe.data.formats import DataError, read_conversations
 from lightning_moe.data.chat import IGNORE_INDEX
 from lightning_moe.data.datamodule import ChatDataModule
 
@@ -90,7 +92,7 @@ def test_mask_equals_transformers_generation_mask_and_trains_terminators(tokeniz
 
 def test_mask_works_for_a_template_without_generation_tags(tokenizer):
     """Another layout (Llama-3-like headers, a different terminator), no {% generation %} tags."""
-    tokenizer = type(tokenizer).from_pretrained(REPO / "data" / "tokenizer")
+    tokenizer = type(tokenizer).from_pretrained(REPO / "lightning_moe" / "assets" / "tokenizer")
     tokenizer.chat_template = (
         "{{ '<|endoftext|>' }}{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + '<|endoftext|>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}"
@@ -101,7 +103,7 @@ def test_mask_works_for_a_template_without_generation_tags(tokenizer):
 
 
 def test_template_that_rewrites_earlier_turns_is_refused(tokenizer):
-    tokenizer = type(tokenizer).from_pretrained(REPO / "data" / "tokenizer")
+    tokenizer = type(tokenizer).from_pretrained(REPO / "lightning_moe" / "assets" / "tokenizer")
     # like Mistral's v1 template: the system prompt is glued to the *last* user message
     tokenizer.chat_template = (
         "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"

@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import read_summary, run_train
 
-from lightning_moe.config import LoRAConfig, ModelConfig, MoEConfig
-from lightning_moe.modeling import build_model, resolve_model_config
-from lightning_moe.moe import RoutingContext
+from lightning_moe.config.architecture import resolve_model_config
+from lightning_moe.config.schema import LoRAConfig, ModelConfig, MoEConfig
+from lightning_moe.models.build import build_model
+from lightning_moe.moe.layer import RoutingContext
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -47,7 +48,7 @@ def test_liger_kernels_give_the_same_loss_and_lora_gradients():
 def test_the_recipe_trains_on_the_gpu_with_liger_and_moe(tmp_path):
     run_dir = tmp_path / "run"
     out = run_train("+recipe=therapeutic_h100", "model.init=random", "model.arch=tiny-mistral", "moe.layers=[1,3]",
-                    "model.gradient_checkpointing_layers=2", "model.tokenizer=data/tokenizer", "data=sample",
+                    "model.gradient_checkpointing_layers=2", "model.tokenizer=bundled", "data=sample",
                     "data.max_length=256", "logger=csv",
                     "trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=4",
                     "trainer.limit_val_batches=2", f"hydra.run.dir={run_dir}", timeout=300)
@@ -60,7 +61,7 @@ def test_the_recipe_trains_on_the_gpu_with_liger_and_moe(tmp_path):
 def test_activation_offloading_on_a_side_stream_gives_the_same_gradients():
     """model.offload_activations on CUDA: copies to pinned memory on a side stream, back on the compute stream.
     A missing stream wait would hand the backward pass stale or half-copied activations."""
-    from lightning_moe.offload import OffloadSavedActivations
+    from lightning_moe.training.offload import OffloadSavedActivations
 
     cfg = resolve_model_config(ModelConfig(init="random", arch="tiny-mistral"))
     ids = torch.randint(4, 2048, (4, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(1))

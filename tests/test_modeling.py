@@ -8,15 +8,12 @@ import pytest
 import torch
 from conftest import REPO, clean_env, run_guarded, tiny_model
 
-from lightning_moe.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig
-from lightning_moe.flops import count_flops
-from lightning_moe.modeling import (
-    WeightsUnavailable,
-    build_model,
-    keep_lora_inputs_in_autocast_dtype,
-    resolve_model_config,
-)
-from lightning_moe.moe import MoEBlock, RoutingContext
+from lightning_moe.config.architecture import WeightsUnavailable, resolve_model_config
+from lightning_moe.config.schema import ConfigError, LoRAConfig, ModelConfig, MoEConfig
+from lightning_moe.models.build import build_model
+from lightning_moe.models.flops import count_flops
+from lightning_moe.upstream import keep_lora_inputs_in_autocast_dtype
+from lightning_moe.moe.layer import MoEBlock, RoutingContext
 
 WAYFARER = "LatitudeGames/Wayfarer-2-12B"
 
@@ -122,7 +119,7 @@ def test_offloaded_activations_are_the_checkpointed_layer_inputs_and_give_the_sa
     """model.offload_activations packs what autograd saves into CPU memory: with checkpointing on every layer that
     is each decoder layer's input. The hooks run here with the CPU standing in for the GPU (device_type="cpu"):
     what gets offloaded, and exact gradients after the round trip. The GPU run is in tests/test_gpu.py."""
-    from lightning_moe.offload import OffloadSavedActivations
+    from lightning_moe.training.offload import OffloadSavedActivations
 
     cfg = resolve_model_config(ModelConfig(init="random", arch="tiny-mistral"))
     runs = {}
@@ -241,7 +238,7 @@ def test_flop_count_matches_a_hand_count():
 def test_missing_architecture_is_named():
     with pytest.raises(ConfigError, match="model.arch: no architecture 'tiny-nothing'"):
         resolve_model_config(ModelConfig(init="random", arch="tiny-nothing"))
-    assert (REPO / "lightning_moe" / "architectures" / "mistral-nemo-12b.json").is_file()
+    assert (REPO / "lightning_moe" / "models" / "architectures" / "mistral-nemo-12b.json").is_file()
 
 
 def test_moe_blocks_sit_in_the_peft_model():

@@ -8,21 +8,13 @@ from conftest import TINY_ARCHS, tiny_hf_config, tiny_model
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter, load_balancing_loss_func
 from transformers.models.switch_transformers.modeling_switch_transformers import router_z_loss_func
 
-from lightning_moe.config import MoEConfig, spread_layers
-from lightning_moe.moe import (
-    MoEBlock,
-    RouterRecord,
-    RoutingContext,
-    TopKRouter,
-    decoder_layers,
-    domain_routing_loss,
-    inject_moe,
-    load_balancing_loss,
-    loramoe_loss,
-    router_z_loss,
-    routing_counts,
-    routing_metrics,
-)
+from lightning_moe.config.schema import MoEConfig
+from lightning_moe.config.validate import spread_layers
+from lightning_moe.moe.inject import decoder_layers, inject_moe
+from lightning_moe.moe.layer import MoEBlock, RouterRecord, RoutingContext
+from lightning_moe.moe.losses import domain_routing_loss, load_balancing_loss, loramoe_loss, router_z_loss
+from lightning_moe.moe.metrics import routing_counts, routing_metrics
+from lightning_moe.moe.routers.topk import TopKRouter
 
 E, K, H = 4, 2, 32
 

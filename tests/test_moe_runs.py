@@ -2,39 +2,50 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 from conftest import COUNSEL_CHAT_CSV, FAST, REPO, read_summary, run_train
 
 MOE_CONFIGS = sorted(p.stem for p in (REPO / "conf" / "moe").glob("*.yaml") if p.stem != "none")
 METRICS = {"load", "cv", "maxvio", "entropy", "effective_experts", "dead_fraction", "active_experts", "dropped_fraction"}
 
 
-@pytest.mark.parametrize("name", MOE_CONFIGS)
-def test_every_moe_config_trains_and_reports_routing_metrics(name, tmp_path):
-    run_dir = tmp_path / "run"
-    out = run_train(f"moe={name}", f"hydra.run.dir={run_dir}", *FAST)
+@pytest.mark.slow
+def test_every_moe_config_trains_and_reports_routing_metrics_in_one_sweep(tmp_path):
+    """One multirun over every conf/moe entry (one process: the start-up is paid once): each trial trains,
+    reports its routing metrics and writes its heatmap, and the sweep tables every trial with its override."""
+    sweep = tmp_path / "sweep"
+    out = run_train("-m", f"moe={','.join(MOE_CONFIGS)}", f"hydra.sweep.dir={sweep}", *FAST, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:]
-    s = read_summary(run_dir)
-    assert s["stop_reason"] == "max_steps" and s["global_step"] == 4
-    assert set(s["routing"]) == {f"layer{i}" for i in s["model"]["moe_layers"]}
-    for layer in s["routing"].values():
-        assert METRICS <= set(layer) and abs(sum(layer["load"]) - 1) < 1e-4
-    assert s["active_experts"] > 0 and s["active_expert_flops_vs_top_k"] > 0
-    assert (run_dir / "checkpoints" / "domain_expert_matrix.png").stat().st_size > 1000
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    if name == "deepseek":  # the aux-loss-free bias is trained state: in the summary and in the checkpoint
-        bias_keys = [k for k in ckpt["state_dict"] if k.endswith("e_score_correction_bias")]
-        assert len(bias_keys) == 4 and any(ckpt["state_dict"][k].abs().sum() > 0 for k in bias_keys)
-        assert all(len(layer["bias"]) == 4 for layer in s["routing"].values())
-        assert set(ckpt["moe_pending_load"]) == set(s["model"]["moe_layers"])
-    if name == "switch":
-        assert all(0 <= layer["dropped_fraction"] < 1 for layer in s["routing"].values())
+    assert f"Sweep of {len(MOE_CONFIGS)} runs" in out.stdout
+    with open(sweep / "sweep_summary.csv") as f:
+        rows = {r["overrides"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {f"moe={name}" for name in MOE_CONFIGS}
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        name = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())[0].split("=")[1]
+        s = read_summary(job)
+        assert s["stop_reason"] == "max_steps" and s["global_step"] == 4 and rows[f"moe={name}"]["val_loss"]
+        assert set(s["routing"]) == {f"layer{i}" for i in s["model"]["moe_layers"]}, name
+        for layer in s["routing"].values():
+            assert METRICS <= set(layer) and abs(sum(layer["load"]) - 1) < 1e-4
+        assert s["active_experts"] > 0 and s["active_expert_flops_vs_top_k"] > 0
+        assert (job / "routing" / "domain_expert_matrix.png").stat().st_size > 1000
+        ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        if name == "deepseek":  # the aux-loss-free bias is trained state: in the summary and in the checkpoint
+            bias_keys = [k for k in ckpt["state_dict"] if k.endswith("e_score_correction_bias")]
+            assert len(bias_keys) == 4 and any(ckpt["state_dict"][k].abs().sum() > 0 for k in bias_keys)
+            assert all(len(layer["bias"]) == 4 for layer in s["routing"].values())
+            assert set(ckpt["router_state"]) == set(s["model"]["moe_layers"])  # loads since the last bias step
+        if name == "switch":
+            assert all(0 <= layer["dropped_fraction"] < 1 for layer in s["routing"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not COUNSEL_CHAT_CSV.is_file(), reason="../shared/datasets/counsel_chat is not beside the repo")
 def test_domain_supervision_routes_each_counsel_chat_domain_to_its_expert(tmp_path):
     """+recipe=counsel_chat_tiny: sequence-level routing from the prompt, domain-supervised (MOE_TRAINING_GUIDE.md

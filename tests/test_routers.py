@@ -8,20 +8,16 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from lightning_moe.config import ConfigError, MoEConfig, validate_config
-from lightning_moe.moe import (
-    DeepSeekRouter,
-    DynamicRouter,
-    ExpertChoiceRouter,
-    LoRAExpertMLP,
-    RoutingContext,
-    SharedExpert,
-    SwiGLUExperts,
-    SwitchRouter,
-    TopKRouter,
-    build_router,
-)
-from lightning_moe.moe.layer import build_block, segment_mean
+from lightning_moe.config import ConfigError, validate_config
+from lightning_moe.config.schema import MoEConfig
+from lightning_moe.moe.experts import LoRAExpertMLP, SharedExpert, SwiGLUExperts
+from lightning_moe.moe.layer import RoutingContext, build_block, segment_mean
+from lightning_moe.moe.routers import build_router
+from lightning_moe.moe.routers.deepseek import DeepSeekRouter
+from lightning_moe.moe.routers.dynamic import DynamicRouter
+from lightning_moe.moe.routers.expert_choice import ExpertChoiceRouter
+from lightning_moe.moe.routers.switch import SwitchRouter
+from lightning_moe.moe.routers.topk import TopKRouter
 
 H, E = 16, 4
 ALL = torch.ones(64, dtype=torch.bool)
@@ -98,7 +94,7 @@ def test_switch_capacity_drops_overflow_tokens_which_keep_only_the_mlp():
     moe = MoEConfig(router="switch", capacity_factor=1.0, expert_dim=4)
     ctx = RoutingContext()
     mlp = _mlp()
-    block = build_block(mlp, router, "adapter", 0, ctx, moe, H, E)
+    block = build_block(mlp, router, 0, ctx, moe, H)
     torch.nn.init.normal_(block.experts.down)
     ctx.start(token_mask=mask, token_domain=torch.full((16,), -1), segments=torch.arange(2).repeat_interleave(8),
               num_segments=2, segment_domain=torch.full((2,), -1))
@@ -147,8 +143,7 @@ def _block(router_name="topk", form="adapter", level="token", **kw):
     moe = MoEConfig(router=router_name, expert=form, routing_level=level, expert_dim=8, **kw)
     ctx = RoutingContext()
     mlp = _mlp()
-    router = build_router(router_name, H, E, moe.top_k, moe)
-    return build_block(mlp, router, form, 0, ctx, moe, H, E), ctx, mlp
+    return build_block(mlp, build_router(H, moe), 0, ctx, moe, H), ctx, mlp
 
 
 def test_sequence_level_routing_gives_every_token_its_conversations_decision():
@@ -292,3 +287,47 @@ def test_moe_config_combinations_are_validated(overrides, key):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(compose(overrides))
+
+
+class UniformRouter(TopKRouter):
+    """A router added the way CONTRIBUTING.md says: its own class with from_config, nothing else of the project
+    changed. Every expert at weight 1/E (a deliberately trivial rule)."""
+
+    @classmethod
+    def from_config(cls, hidden_size, moe):
+        return cls(hidden_size, moe.num_experts, moe.num_experts, moe.router_init_std)
+
+    @staticmethod
+    def nominal_active_experts(moe) -> float:
+        return float(moe.num_experts)
+
+
+def test_a_router_added_as_contributing_says_trains(monkeypatch):
+    """CONTRIBUTING.md's three steps: the class (above), one registry line, the schema (UniformRouter needs no new
+    knobs). Validation accepts it, the model builds it, losses, metrics and the FLOP count see it."""
+    from conftest import compose
+
+    from lightning_moe.config import registry
+    from lightning_moe.config.architecture import resolve_model_config
+    from lightning_moe.models.build import build_model
+    from lightning_moe.models.flops import count_flops, nominal_active_experts
+    from lightning_moe.moe.metrics import RoutingTally
+
+    with pytest.raises(ConfigError, match="moe.router"):
+        validate_config(compose(["moe.router=uniform"]))
+    monkeypatch.setitem(registry.ROUTERS, "uniform", f"{__name__}:UniformRouter")
+    s = validate_config(compose(["moe.router=uniform", "moe.expert_dim=8"]))
+    ctx = RoutingContext()
+    model, blocks = build_model(s.model, s.lora, s.moe, resolve_model_config(s.model), ctx, 2048)
+    assert all(type(b.router).__name__ == "UniformRouter" for b in blocks)
+    ids = torch.randint(0, 2000, (2, 16))
+    ctx.start()
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    records = ctx.stop()
+    loss.backward()
+    assert len(records) == 4 and all(r.router.weight.grad is None or torch.isfinite(r.router.weight.grad).all()
+                                     for r in records)
+    tally = RoutingTally(4, s.domains, s.moe.top_k)
+    tally.add(records)
+    assert tally.per_layer()["layer0"]["active_experts"] == 4  # every expert, as the rule says
+    assert nominal_active_experts(s.moe) == 4 and count_flops(model, resolve_model_config(s.model), 4)

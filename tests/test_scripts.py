@@ -24,7 +24,7 @@ def test_bundled_tokenizer_is_rebuilt_identically_from_the_bundled_data(tmp_path
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        assert (tmp_path / name).read_bytes() == (REPO / "data" / "tokenizer" / name).read_bytes(), name
+        assert (tmp_path / name).read_bytes() == (REPO / "lightning_moe" / "assets" / "tokenizer" / name).read_bytes(), name
 
 
 def test_lightning_job_command_is_a_valid_resumable_run(tmp_path, capsys):

@@ -1,16 +1,7 @@
-"""Chat data: read JSON/JSONL conversations, render them with the tokenizer's chat template, collate."""
+"""Chat data: read JSON/JSONL conversations (formats.py), render them with the tokenizer's chat template and mark
+the trained tokens (chat.py), collate padded or packed micro-batches (collate.py), the DataModule (datamodule.py),
+and the converters of third-party datasets into the chat format (converters/)."""
 
-from lightning_moe.data.chat import ChatRenderer, TemplateError, assistant_spans
-from lightning_moe.data.collate import ChatCollator, batch_num_examples, batch_num_tokens
-from lightning_moe.data.formats import DataError, read_conversations
+from lightning_moe.data.collate import batch_num_examples, batch_num_tokens
 
-__all__ = [
-    "ChatCollator",
-    "ChatRenderer",
-    "DataError",
-    "TemplateError",
-    "assistant_spans",
-    "batch_num_examples",
-    "batch_num_tokens",
-    "read_conversations",
-]
+__all__ = ["batch_num_examples", "batch_num_tokens"]

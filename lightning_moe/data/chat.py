@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lightning_moe.config.schema import ConfigError
+
 IGNORE_INDEX = -100
 
 
-class TemplateError(ValueError):
+class TemplateError(ConfigError):
     """The chat template cannot be used to build loss masks."""
 
 

@@ -8,7 +8,7 @@ import datasets
 import lightning.pytorch as pl
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lightning_moe.config import DataConfig
+from lightning_moe.config.schema import DataConfig
 from lightning_moe.data.chat import ChatRenderer
 from lightning_moe.data.collate import ChatCollator
 from lightning_moe.data.formats import DataError, read_many, read_stats

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import datasets
 
+from lightning_moe.config.schema import ConfigError
 from lightning_moe.paths import resolve_path
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-ON_ERROR = ("raise", "skip")
 REASONS = (  # the keys skipped rows are counted under
     "not_utf8", "malformed_json", "not_an_object", "no_messages", "empty_conversation", "bad_turn", "unknown_role",
     "bad_content_type", "empty_content", "system_not_first", "no_assistant_turn", "unknown_domain",
@@ -46,7 +46,7 @@ BOM = b"\xef\xbb\xbf"  # editors on Windows often write one; it is not part of t
 MAX_EXAMPLES = 3  # bad rows quoted in the log per file
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A data file or row that cannot be used; the message says which and why."""
 
 
@@ -153,9 +153,8 @@ def _existing(path: str | Path) -> Path:
 
 
 def read_file(path: str | Path, domains: list[str], on_error: str = "raise") -> tuple[datasets.Dataset, FileReport]:
-    """One file -> (Dataset(messages, domain_id) of its good records, what was read and skipped)."""
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error={on_error!r} is not one of {', '.join(ON_ERROR)}")
+    """One file -> (Dataset(messages, domain_id) of its good records, what was read and skipped). `on_error` is
+    "raise" or "skip" (validated with the config: data.on_error)."""
     file = _existing(path)
     data = file.read_bytes().removeprefix(BOM)
     # A .json file may hold either layout; the first character tells which (JSON Lines never starts with '[').

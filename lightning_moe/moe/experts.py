@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_moe.config.architecture import mlp_projection_names
 from lightning_moe.moe.dispatch import HAS_GROUPED_MM, grouped_linear, sort_slots, swiglu_slots
 
 
@@ -141,10 +142,8 @@ class LoRAExpertMLP(nn.Module):
         self.mlp, self.num_experts, self.r, self.scale = mlp, num_experts, r, alpha / r
         self.act = mlp_activation(mlp)
         self.fused = hasattr(mlp, "gate_up_proj")
-        names = ["gate_up_proj", "down_proj"] if self.fused else ["gate_proj", "up_proj", "down_proj"]
-        unknown = [t for t in targets if t not in names]
-        if unknown:
-            raise ValueError(f"moe.lora_targets {unknown} not in {type(mlp).__name__}'s projections {names}")
+        unknown = [t for t in targets if t not in mlp_projection_names(mlp)]  # prechecks.py named them before
+        assert not unknown, f"moe.lora_targets {unknown} not in {type(mlp).__name__}'s projections"
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
         device = next(mlp.parameters()).device
@@ -193,3 +192,17 @@ class SharedExpert(nn.Module):
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x.to(self.gate.weight.dtype))).to(y.dtype)
         return y
+
+
+# ---- builders, by moe.expert (lightning_moe/config/registry.py): (the layer's MLP, hidden size, moe section) ----
+def adapter_experts(mlp: nn.Module, hidden_size: int, moe) -> nn.Module:
+    return SwiGLUExperts(hidden_size, moe.num_experts, moe.expert_dim)
+
+
+def lora_experts(mlp: nn.Module, hidden_size: int, moe) -> nn.Module:
+    return LoRAExpertMLP(mlp, moe.num_experts, moe.lora_r, moe.lora_alpha, list(moe.lora_targets))
+
+
+def upcycled_experts(mlp: nn.Module, hidden_size: int, moe) -> nn.Module:
+    return SwiGLUExperts.from_mlp(mlp, moe.num_experts, moe.upcycle_noise, moe.upcycle_train, moe.lora_r,
+                                  moe.lora_alpha)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_moe.moe.experts import LoRAExpertMLP, SharedExpert, SwiGLUExperts
-from lightning_moe.moe.routing import Router, RouterOutput
+from lightning_moe.config.registry import EXPERTS, resolve
+from lightning_moe.moe.experts import SharedExpert
+from lightning_moe.moe.routers import Router, RouterOutput
 
 
 @dataclass
@@ -59,6 +60,18 @@ class RoutingContext:
     segment_domain: torch.Tensor | None = None  # (num_segments,) long
     pool_mask: torch.Tensor | None = None  # (T,) bool: the tokens sequence-level routing pools (the prompt)
     packed: bool = False
+
+    def start_batch(self, batch: dict) -> None:
+        """Before a forward pass over a collated batch (lightning_moe.data.collate): its routing metadata."""
+        self.start(
+            token_mask=batch["segment_ids"].reshape(-1) >= 0,  # real tokens: padding is segment -1 in both forms
+            token_domain=batch["token_domain"].reshape(-1),
+            segments=batch["segment_ids"].reshape(-1),
+            num_segments=batch["num_examples"],
+            segment_domain=batch["example_domain"],
+            pool_mask=batch["prompt_mask"].reshape(-1),
+            packed="position_ids" in batch,
+        )
 
     def start(self, token_mask=None, token_domain=None, segments=None, num_segments=None, segment_domain=None,
               pool_mask=None, packed=False) -> None:
@@ -144,26 +157,19 @@ class MoEBlock(nn.Module):
         return frozen, trainable
 
 
-def build_block(mlp: nn.Module, router: Router, form: str, layer_idx: int, context: RoutingContext, moe,
-                hidden_size: int, num_experts: int) -> MoEBlock:
-    """The MoE block for one layer, from the moe config section."""
-    if form == "adapter":
-        experts = SwiGLUExperts(hidden_size, num_experts, moe.expert_dim)
-    elif form == "lora":
-        experts = LoRAExpertMLP(mlp, num_experts, moe.lora_r, moe.lora_alpha, list(moe.lora_targets))
-    elif form == "upcycled":
-        experts = SwiGLUExperts.from_mlp(mlp, num_experts, moe.upcycle_noise, moe.upcycle_train, moe.lora_r,
-                                         moe.lora_alpha)
-    else:
-        raise ValueError(f"unknown expert form {form!r}")
+def build_block(mlp: nn.Module, router: Router, layer_idx: int, context: RoutingContext, moe,
+                hidden_size: int) -> MoEBlock:
+    """The MoE block for one layer, from the moe config section; the experts come from the builder that
+    lightning_moe/config/registry.py names for moe.expert."""
+    experts = resolve(EXPERTS[moe.expert])(mlp, hidden_size, moe)
     shared = None
     if moe.num_shared_experts > 0:
         shared = SharedExpert(hidden_size, moe.num_shared_experts * (moe.shared_expert_dim or moe.expert_dim),
                               moe.shared_expert_gate)
-    dispatch = moe.dispatch if moe.dispatch != "auto" else ("grouped" if form == "upcycled" else "dense")
+    dispatch = moe.dispatch if moe.dispatch != "auto" else ("grouped" if moe.expert == "upcycled" else "dense")
     device = next(mlp.parameters()).device
-    block = MoEBlock(mlp, router, experts, form, layer_idx, context, moe.routing_level, dispatch, shared)
-    for part in (block.router, block.shared, None if form == "lora" else block.experts):  # lora: made in place
+    block = MoEBlock(mlp, router, experts, moe.expert, layer_idx, context, moe.routing_level, dispatch, shared)
+    for part in (block.router, block.shared, None if moe.expert == "lora" else block.experts):  # lora: made in place
         if part is not None:
             part.to(device)
     return block

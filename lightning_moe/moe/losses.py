@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning_moe.moe.layer import RouterRecord
 
 
-def _m(r: RouterRecord) -> torch.Tensor:
+def row_mask(r: RouterRecord) -> torch.Tensor:
     return r.mask.to(torch.float32)
 
 
@@ -24,16 +24,16 @@ def load_balancing_loss(records: list[RouterRecord], num_experts: int) -> torch.
     P_i: mean routing probability of expert i. Balanced routing gives k. With top-k softmax routing this is
     transformers' Mixtral `load_balancing_loss_func(tuple(logits), E, k, attention_mask)` (tested).
     """
-    counts = sum((r.out.selected.float() * _m(r).unsqueeze(-1)).sum(0) for r in records)
-    probs = sum((r.out.probs * _m(r).unsqueeze(-1)).sum(0) for r in records)
-    rows = sum(_m(r).sum() for r in records)
+    counts = sum((r.out.selected.float() * row_mask(r).unsqueeze(-1)).sum(0) for r in records)
+    probs = sum((r.out.probs * row_mask(r).unsqueeze(-1)).sum(0) for r in records)
+    rows = sum(row_mask(r).sum() for r in records)
     return num_experts * torch.sum((counts / rows) * (probs / rows))
 
 
 def router_z_loss(records: list[RouterRecord]) -> torch.Tensor:
     """ST-MoE z-loss: mean over real rows and layers of logsumexp(logits)^2; keeps logits small."""
-    total = sum((r.out.logits.logsumexp(-1).square() * _m(r)).sum() for r in records)
-    return total / sum(_m(r).sum() for r in records).clamp(min=1)
+    total = sum((r.out.logits.logsumexp(-1).square() * row_mask(r)).sum() for r in records)
+    return total / sum(row_mask(r).sum() for r in records).clamp(min=1)
 
 
 def domain_routing_loss(records: list[RouterRecord], class_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,8 +54,8 @@ def domain_routing_loss(records: list[RouterRecord], class_weights: torch.Tensor
 def entropy_loss(records: list[RouterRecord]) -> torch.Tensor:
     """Mean per-row entropy of the routing distribution: the dynamic router's penalty (otherwise spreading
     probability mass switches on every expert)."""
-    total = sum((_entropy(r.out.probs) * _m(r)).sum() for r in records)
-    return total / sum(_m(r).sum() for r in records).clamp(min=1)
+    total = sum((row_entropy(r.out.probs) * row_mask(r)).sum() for r in records)
+    return total / sum(row_mask(r).sum() for r in records).clamp(min=1)
 
 
 def loramoe_loss(records: list[RouterRecord], num_experts: int, delta: float) -> torch.Tensor:
@@ -76,59 +76,5 @@ def loramoe_loss(records: list[RouterRecord], num_experts: int, delta: float) ->
     return torch.stack(losses).mean()
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
+def row_entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(1e-12).log()).sum(-1)
-
-
-@torch.no_grad()
-def routing_counts(r: RouterRecord, num_experts: int) -> dict[str, torch.Tensor]:
-    """Additive sums for one layer (so validation can accumulate them over batches). Load, active experts
-    and drops count tokens (the token view); entropy counts the router's rows (tokens or conversations)."""
-    m = _m(r)
-    tm = r.token_mask.float() if r.token_mask is not None else m
-    gates = r.token_gates if r.token_gates is not None else r.out.gates
-    active = (gates > 0).float() * tm.unsqueeze(-1)
-    dropped = (r.out.dropped.float() * m).sum() if r.out.dropped is not None else torch.zeros((), device=m.device)
-    return {
-        "rows": m.sum(),
-        "tokens": tm.sum(),
-        "load": active.sum(0),  # tokens each expert processed
-        "entropy": (_entropy(r.out.probs) * m).sum(),
-        "active": active.sum(),
-        "dropped": dropped,
-    }
-
-
-@torch.no_grad()
-def routing_metrics(c: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
-    """Per-layer metrics from routing_counts sums.
-
-    load: fraction of expert slots each expert processed; cv: coefficient of variation of those loads;
-    maxvio: (max load - mean) / mean; entropy: mean per-row routing entropy (nats); effective_experts:
-    exp(entropy) / E; dead_fraction: experts that processed nothing; active_experts: mean experts per row
-    (dynamic routers); dropped_fraction: rows that lost an expert to capacity (Switch)."""
-    rows, tokens = c["rows"].clamp(min=1), c["tokens"].clamp(min=1)
-    load = c["load"] / c["load"].sum().clamp(min=1)
-    mean = load.mean()
-    entropy = c["entropy"] / rows
-    return {
-        "load": load,
-        "cv": load.std(unbiased=False) / mean,
-        "maxvio": (load.max() - mean) / mean,
-        "entropy": entropy,
-        "effective_experts": entropy.exp() / num_experts,
-        "dead_fraction": (c["load"] == 0).float().mean(),
-        "active_experts": c["active"] / tokens,
-        "dropped_fraction": c["dropped"] / rows,
-    }
-
-
-@torch.no_grad()
-def domain_expert_weight(r: RouterRecord, num_domains: int, num_experts: int) -> torch.Tensor:
-    """(num_domains, E) routing weight each domain's tokens gave each expert (gates normalised per token, so
-    top-k's several experts share one unit of weight)."""
-    gates = (r.token_gates if r.token_gates is not None else r.out.gates).float()
-    domain = r.token_domain if r.token_domain is not None else r.domain
-    mask = r.token_mask if r.token_mask is not None else r.mask
-    w = gates / gates.sum(-1, keepdim=True).clamp(min=1e-12) * ((domain >= 0) & mask).unsqueeze(-1)
-    return torch.zeros(num_domains, num_experts, device=w.device).index_add(0, domain.clamp(min=0), w)

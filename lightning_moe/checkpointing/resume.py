@@ -1,0 +1,99 @@
+"""Resuming a run exactly: which checkpoint to resume from, and what Lightning's own resume leaves out.
+
+- find_resume_checkpoint picks the newest checkpoint that loads, skipping a damaged one.
+- ExactResume saves the global RNG states (torch, CUDA, numpy, Python) and restores them just before the first
+  resumed batch, so dropout draws the same masks as an uninterrupted run (Lightning saves none of them), and
+  makes a validation cut short by SIGTERM run again in full on resume (Lightning would skip it).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_moe.checkpointing.io import load_checkpoint_file
+
+log = logging.getLogger(__name__)
+
+
+def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest *.ckpt in ckpt_dir that loads; damaged ones (a crash mid-write without the atomic rename,
+    a full disk) are logged and skipped."""
+    if not ckpt_dir.is_dir():
+        return None
+    for path in sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            ckpt = load_checkpoint_file(path)
+            if "state_dict" in ckpt and "global_step" in ckpt:
+                return path
+            log.warning("skipping %s: not a training checkpoint", path)
+        except Exception as e:  # noqa: BLE001  any failure to load means: not this one
+            log.warning("skipping %s: it does not load (%s)", path, str(e).splitlines()[0][:200])
+    return None
+
+
+def rng_states() -> dict:
+    """Every global generator's state, as tensors and plain data (so the checkpoint loads with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                                                        int(pos), int(has_gauss), float(gauss)],
+              "python": [version, list(internal), gauss_next]}
+    if torch.cuda.is_available():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "torch.cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+
+
+class ExactResume(Callback):
+    """What Lightning's own resume leaves out.
+
+    - Global RNG states in checkpoints, restored right before the first resumed training batch (not at load
+      time: setting up dataloaders and the model between load and that batch may draw random numbers).
+    - A checkpoint written mid-validation (SIGTERM arrives between two validation batches) records the
+      validation as fully done, so on resume Lightning skips it: early stopping and the best checkpoint never
+      see it. Its progress is rewound to "started, no batch done", which makes Lightning run it again in full.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng_states()
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        if (trainer.validating and not trainer.sanity_checking
+                and val_loop.batch_progress.current.completed < sum(val_loop.max_batches)):
+            _rewind_validation(checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"])
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._pending = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is not None:
+            set_rng_states(self._pending)
+            self._pending = None
+
+
+def _rewind_validation(progress: dict) -> None:
+    """Rewrite a validation loop's saved progress to 'one batch started, none processed': the state Lightning
+    reads as 'restarted mid-evaluation', so it reruns that validation, from its first batch (the current
+    counters reset to their completed value, 0, on restart)."""
+    total, current = progress["total"], progress["current"]
+    done = total["completed"] - current["completed"]  # batches of earlier, finished validations
+    progress["total"] = {"ready": done + 1, "started": done + 1, "processed": done, "completed": done}
+    progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+    progress["is_last_batch"] = False

@@ -1,0 +1,179 @@
+"""Typed schemas of the config sections this project owns (model, data, lora, moe, optim).
+
+Registered with Hydra's ConfigStore as `lightning_moe_schema`, the first entry of conf/train.yaml's defaults, so
+every owned key exists in every composition and a wrong type fails at composition. Trainer, callbacks and
+loggers are Lightning objects built with `hydra.utils.instantiate`. No torch here: see config/validate.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+DISPATCH = ("auto", "dense", "grouped", "loop")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULERS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw_8bit")
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = None  # HF Hub id or local directory with config.json + weights
+    init: str = "pretrained"  # pretrained: load weights; random: same architecture, random weights, no download
+    arch: Optional[str] = None  # architecture json (lightning_moe/architectures/NAME.json) used by init=random
+    tokenizer: Optional[str] = None  # null: the model's own; falls back to data/tokenizer for init=random
+    dtype: str = "float32"  # dtype of the frozen base weights; trainable weights stay float32
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    # with gradient_checkpointing: checkpoint this many decoder layers, spread over the depth (null: all); the
+    # others keep their activations: faster, more memory (MOE_TRAINING_GUIDE.md section 8 has the measured sizes)
+    gradient_checkpointing_layers: Optional[int] = None
+    # keep the activations saved for the backward pass (with checkpointing: each layer's input) in pinned CPU
+    # memory, copied on a side stream: the memory floor for long rows or small GPUs, at a measured speed cost; CUDA
+    offload_activations: bool = False
+    load_in_4bit: bool = False  # QLoRA: bitsandbytes 4-bit base weights (CUDA only)
+    liger_kernel: bool = False  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_compute_dtype: str = "bfloat16"
+    bnb_4bit_use_double_quant: bool = True
+    # QLoRA: peft's prepare_model_for_kbit_training casts the weights left unquantised (embeddings, lm_head, norms)
+    # to float32 (the measured cost: MOE_TRAINING_GUIDE.md section 8); false keeps them in model.dtype (frozen either way)
+    upcast_non_quantized: bool = True
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    train_files: List[str] = field(default_factory=list)
+    val_files: List[str] = field(default_factory=list)  # empty: hold out val_fraction of train_files
+    val_fraction: float = 0.1
+    split_seed: int = 42
+    max_length: int = 2048
+    overlong: str = "truncate"  # truncate: keep the first max_length tokens; drop: skip the conversation
+    on_error: str = "raise"  # a bad row: raise (name file, line, problem) | skip (count per reason, report)
+    packing: bool = False  # padding-free: conversations share rows of max_length, attention kept inside each
+    batch_size: int = 4
+    num_workers: int = 0
+    pin_memory: bool = False
+    chat_template: Optional[str] = None  # path to a .jinja file that replaces the tokenizer's template
+    system_prompt: Optional[str] = None  # added to conversations that have no system turn
+    map_num_proc: Optional[int] = None  # processes for tokenisation (datasets.map)
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))  # or [all-linear]
+    bias: str = "none"
+
+
+@dataclass
+class MoEConfig:
+    enabled: bool = True
+    num_experts: int = 4
+    top_k: int = 2  # experts per token (topk, deepseek); the static reference for dynamic routing
+    layers: Optional[List[int]] = None  # decoder-layer indices (negative counts from the end); null: spread
+    num_layers: int = 4  # with layers=null: this many layers evenly spread over the depth
+    # routing
+    router: str = "topk"  # topk | switch | expert_choice | dynamic | deepseek
+    routing_level: str = "token"  # token | sequence (one decision per conversation, from its mean hidden state)
+    router_init_std: float = 0.02
+    capacity_factor: float = 1.25  # switch: tokens per expert = factor * tokens / E; expert_choice: experts per token
+    dynamic_mode: str = "top_p"  # top_p | threshold
+    dynamic_p: float = 0.5  # top_p: keep experts until their probability mass reaches p
+    dynamic_threshold: float = 0.25  # threshold: keep experts with probability >= threshold
+    min_experts: int = 1
+    max_experts: Optional[int] = None  # null: num_experts
+    n_group: int = 1  # deepseek grouped selection: experts in n_group groups...
+    topk_group: int = 1  # ...of which the best topk_group are eligible
+    norm_topk_prob: bool = True  # deepseek: renormalise the chosen weights
+    routed_scaling_factor: float = 1.0  # deepseek: scale of the routed output
+    # experts
+    expert: str = "adapter"  # adapter | lora | upcycled
+    expert_dim: int = 64  # adapter bottleneck width
+    lora_r: int = 8  # lora experts / upcycled-through-LoRA: rank per expert
+    lora_alpha: float = 16.0
+    lora_targets: List[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    upcycle_train: str = "lora"  # upcycled copies: lora (frozen copies + per-expert LoRA) | full
+    upcycle_noise: float = 0.0  # Gaussian noise on the copies, as a fraction of each weight's std
+    num_shared_experts: int = 0  # always-on experts beside the routed ones
+    shared_expert_dim: Optional[int] = None  # null: expert_dim
+    shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert
+    dispatch: str = "auto"  # auto (dense for adapter, grouped for upcycled) | dense | grouped | loop
+    # balancing: every coefficient 0 turns its term off
+    aux_loss_coef: float = 0.01  # Switch/Mixtral load balancing over all MoE layers
+    z_loss_coef: float = 0.001  # ST-MoE router z-loss
+    domain_loss_coef: float = 0.1  # pulls a labelled conversation's rows toward expert[domain]
+    domain_loss_balance: bool = False  # weight domains by the inverse of their share of the training data
+    loramoe_coef: float = 0.0  # LoRAMoE localized balancing...
+    loramoe_delta: float = 0.1  # ...with importance 1 +/- delta
+    entropy_coef: float = 0.0  # routing-entropy penalty (dynamic routing)
+    bias_update_rate: float = 0.0  # deepseek aux-loss-free balancing: bias step per optimizer step
+    bias_update_center: bool = True  # subtract the mean of each bias update (torchtitan)
+
+
+@dataclass
+class OptimConfig:
+    # adamw: torch's (fused on CUDA); adamw_8bit: bitsandbytes' AdamW8bit, moments in 8 bits (a quarter of the state):
+    # the memory floor, with QLoRA or offloading
+    name: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    fused: Optional[bool] = None  # null: fused AdamW on CUDA, foreach elsewhere
+    scheduler: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # floor of the cosine schedule as a fraction of lr
+    budget_aware_schedule: bool = False  # size the schedule from the wall-clock budget (callbacks.budget)
+    nonfinite: str = "skip"  # a NaN/Inf gradient: skip the step (up to max_nonfinite_skips, then stop) | stop
+    max_nonfinite_skips: int = 3
+
+
+@dataclass
+class TrainConfig:
+    """The primary config's schema (first in conf/train.yaml's defaults): every owned key exists in every
+    composition, so `model.load_in_4bit=true` needs no `+`, and a wrong type fails at composition."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    domains: List[str] = field(default_factory=list)
+    seed: int = 42
+    run_name: str = "run"
+    run_dir: str = "???"
+    resume: bool = True
+    trainer: Any = None  # Lightning objects: `_target_` dicts for hydra.utils.instantiate
+    callbacks: Any = None
+    logger: Any = None
+
+
+ConfigStore.instance().store(name="lightning_moe_schema", node=TrainConfig)
+
+SCHEMAS = {"model": ModelConfig, "data": DataConfig, "lora": LoRAConfig, "moe": MoEConfig, "optim": OptimConfig}
+
+
+@dataclass
+class Sections:
+    model: ModelConfig
+    data: DataConfig
+    lora: LoRAConfig
+    moe: MoEConfig
+    optim: OptimConfig
+    domains: List[str]
+
+

@@ -1,0 +1,231 @@
+"""`validate_config`: every check that needs only the config, before torch is imported.
+
+Each owned section (model, data, lora, moe, optim) is merged into its dataclass schema, so a misspelt key or a
+wrong type is reported with its full key; then the cross-field rules, including the trainer values this project
+depends on. Every failure is a ConfigError naming the key (train.py exits with code 2). Checks that need the
+model's architecture or the device are in config/prechecks.py; entry points call this once, then those.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lightning_moe.config.registry import EXPERTS, ROUTERS
+from lightning_moe.config.schema import (
+    DISPATCH,
+    DTYPES,
+    OPTIMIZERS,
+    SCHEDULERS,
+    ConfigError,
+    MoEConfig,
+    SCHEMAS,
+    Sections,
+)
+
+_MAX_TIME = re.compile(r"^\d{2}:\d{2}:\d{2}:\d{2}$")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "transformer-engine")
+
+
+def _typed(name: str, node) -> object:
+    try:
+        # resolve against the whole config first: sections interpolate top-level keys such as ${seed}
+        plain = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+        merged = OmegaConf.merge(OmegaConf.structured(SCHEMAS[name]), plain)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # name the full key, e.g. "moe.top_k", not just "top_k"
+        key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+        key = key if str(key).startswith(name) else f"{name}.{key}"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}") from None
+
+
+def check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def one_of(value, allowed, key: str) -> None:
+    check(value in allowed, key, f"'{value}' is not one of {', '.join(allowed)}")
+
+
+# ---- per-router rules: a router with constraints of its own adds a function here --------------------------
+def _dynamic_rules(moe: MoEConfig, sec: Sections) -> None:
+    one_of(moe.dynamic_mode, ("top_p", "threshold"), "moe.dynamic_mode")
+    check(0 < moe.dynamic_p <= 1, "moe.dynamic_p", "must be in (0, 1]")
+    check(0 < moe.dynamic_threshold <= 1, "moe.dynamic_threshold", "must be in (0, 1]")
+    top = moe.max_experts or moe.num_experts
+    check(1 <= moe.min_experts <= top <= moe.num_experts, "moe.min_experts",
+          f"need 1 <= min_experts ({moe.min_experts}) <= max_experts ({top}) <= num_experts")
+
+
+def _deepseek_rules(moe: MoEConfig, sec: Sections) -> None:
+    check(moe.num_experts % moe.n_group == 0, "moe.n_group",
+          f"{moe.n_group} groups must divide moe.num_experts={moe.num_experts}")
+    check(1 <= moe.topk_group <= moe.n_group, "moe.topk_group", f"must be in 1..moe.n_group={moe.n_group}")
+    per_group = moe.num_experts // moe.n_group
+    check(moe.n_group == 1 or per_group >= 2, "moe.n_group", "grouped selection needs >= 2 experts per group")
+    check(moe.top_k <= moe.topk_group * per_group, "moe.top_k",
+          f"{moe.top_k} > experts in the {moe.topk_group} eligible groups ({moe.topk_group * per_group})")
+
+
+def _expert_choice_rules(moe: MoEConfig, sec: Sections) -> None:
+    check(moe.routing_level == "token", "moe.routing_level", "expert choice routes tokens within a sequence")
+    check(not sec.data.packing, "data.packing",
+          "expert choice routes within a sequence: it needs padded batches (data.packing=false)")
+
+
+ROUTER_RULES: dict[str, Callable[[MoEConfig, Sections], None]] = {
+    "dynamic": _dynamic_rules,
+    "deepseek": _deepseek_rules,
+    "expert_choice": _expert_choice_rules,
+}
+
+
+# ---- sections ----------------------------------------------------------------------------------------------
+def _model(sec: Sections) -> None:
+    m, lo = sec.model, sec.lora
+    one_of(m.init, ("pretrained", "random"), "model.init")
+    if m.init == "pretrained":
+        check(bool(m.name_or_path), "model.name_or_path", "required with model.init=pretrained")
+    else:
+        check(bool(m.arch or m.name_or_path), "model.arch", "model.init=random needs an architecture config")
+    for key in ("dtype", "bnb_4bit_compute_dtype"):
+        one_of(getattr(m, key), DTYPES, f"model.{key}")
+    one_of(m.bnb_4bit_quant_type, ("nf4", "fp4"), "model.bnb_4bit_quant_type")
+    if m.gradient_checkpointing_layers is not None:
+        check(m.gradient_checkpointing, "model.gradient_checkpointing_layers",
+              "set, but model.gradient_checkpointing is false")
+        check(m.gradient_checkpointing_layers >= 1, "model.gradient_checkpointing_layers",
+              f"must be >= 1 (or null: every layer), got {m.gradient_checkpointing_layers}")
+    if m.load_in_4bit:
+        check(lo.enabled, "lora.enabled", "QLoRA (model.load_in_4bit=true) trains LoRA adapters: enable lora")
+        check(m.init == "pretrained", "model.load_in_4bit",
+              "4-bit loading quantises pretrained weights; use model.init=pretrained (a local directory works: "
+              "save a random model with save_pretrained first)")
+    check(lo.enabled or sec.moe.enabled, "lora.enabled / moe.enabled", "nothing to train (both are off)")
+
+
+def _data(sec: Sections) -> None:
+    d = sec.data
+    check(bool(d.train_files), "data.train_files", "at least one JSON/JSONL file is required")
+    check(0.0 < d.val_fraction < 1.0 or bool(d.val_files), "data.val_fraction", "must be in (0, 1)")
+    check(d.max_length >= 16, "data.max_length", f"{d.max_length} is too small (>= 16)")
+    one_of(d.overlong, ("truncate", "drop"), "data.overlong")
+    one_of(d.on_error, ("raise", "skip"), "data.on_error")
+    check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+
+
+def _lora(sec: Sections) -> None:
+    lo = sec.lora
+    if not lo.enabled:
+        return
+    check(lo.r >= 1, "lora.r", f"must be >= 1, got {lo.r}")
+    check(lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
+    check(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    check(bool(lo.target_modules), "lora.target_modules", "empty list: name modules or use [all-linear]")
+
+
+def _moe(sec: Sections) -> None:
+    moe = sec.moe
+    if moe.enabled:
+        one_of(moe.router, tuple(ROUTERS), "moe.router")
+        one_of(moe.expert, tuple(EXPERTS), "moe.expert")
+        check(moe.num_experts >= 1, "moe.num_experts", f"must be >= 1, got {moe.num_experts}")
+        check(1 <= moe.top_k <= moe.num_experts, "moe.top_k",
+              f"{moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}")
+        check(moe.expert_dim >= 1, "moe.expert_dim", f"must be >= 1, got {moe.expert_dim}")
+        check(moe.layers is None or len(moe.layers) > 0, "moe.layers", "empty list: give indices or null")
+        check(moe.layers is not None or moe.num_layers >= 1, "moe.num_layers", "must be >= 1")
+        for key in ("aux_loss_coef", "z_loss_coef", "domain_loss_coef", "loramoe_coef", "entropy_coef",
+                    "bias_update_rate", "upcycle_noise"):
+            check(getattr(moe, key) >= 0, f"moe.{key}", "must be >= 0 (0 turns the term off)")
+        one_of(moe.routing_level, ("token", "sequence"), "moe.routing_level")
+        one_of(moe.dispatch, DISPATCH, "moe.dispatch")
+        one_of(moe.upcycle_train, ("lora", "full"), "moe.upcycle_train")
+        check(moe.capacity_factor > 0, "moe.capacity_factor", "must be > 0")
+        check(moe.lora_r >= 1, "moe.lora_r", "must be >= 1")
+        check(bool(moe.lora_targets) or moe.expert != "lora", "moe.lora_targets", "empty: name MLP projections")
+        if moe.router in ROUTER_RULES:
+            ROUTER_RULES[moe.router](moe, sec)
+        if moe.bias_update_rate > 0:
+            check(moe.router == "deepseek", "moe.bias_update_rate", "aux-loss-free bias updates need moe.router=deepseek")
+        if moe.domain_loss_coef > 0:
+            check(
+                len(sec.domains) == moe.num_experts,
+                "domains",
+                f"domain supervision (moe.domain_loss_coef={moe.domain_loss_coef}) maps domain i to expert i, so "
+                f"the {len(sec.domains)} domains {sec.domains} need moe.num_experts={len(sec.domains)} "
+                f"(got {moe.num_experts}); or set moe.domain_loss_coef=0",
+            )
+    check(len(set(sec.domains)) == len(sec.domains), "domains", f"duplicate names in {sec.domains}")
+
+
+def _optim(sec: Sections) -> None:
+    o = sec.optim
+    check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    check(len(o.betas) == 2, "optim.betas", "must be two numbers")
+    one_of(o.name, OPTIMIZERS, "optim.name")
+    one_of(o.scheduler, SCHEDULERS, "optim.scheduler")
+    check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    one_of(o.nonfinite, ("skip", "stop"), "optim.nonfinite")
+    check(o.max_nonfinite_skips >= 0, "optim.max_nonfinite_skips", "must be >= 0")
+
+
+def _trainer(cfg: DictConfig) -> None:
+    """The Trainer values this project depends on (the rest is Lightning's to check)."""
+    tr = cfg.get("trainer") or {}
+    acc = tr.get("accumulate_grad_batches", 1)
+    check(isinstance(acc, int) and acc >= 1, "trainer.accumulate_grad_batches", f"must be >= 1, got {acc}")
+    max_time = tr.get("max_time")
+    if isinstance(max_time, str):
+        check(bool(_MAX_TIME.match(max_time)), "trainer.max_time",
+              f"'{max_time}' is not DD:HH:MM:SS (e.g. 00:12:00:00 for 12 hours)")
+    precision = str(tr.get("precision", "32-true"))
+    one_of(precision, PRECISIONS, "trainer.precision")
+    if str(tr.get("accelerator", "auto")) == "cpu":
+        check_precision_on_cpu(precision)
+
+
+def check_precision_on_cpu(precision: str) -> None:
+    """fp16 autocast on a CPU: Lightning quietly trains in bf16 instead, so the run is not what was asked."""
+    check(not precision.startswith("16"), "trainer.precision",
+          f"{precision} needs a CUDA GPU (on a CPU Lightning would silently train in bf16): use 32-true or bf16-mixed")
+
+
+def validate_config(cfg: DictConfig) -> Sections:
+    """Check everything that can be checked without torch or weights; return the typed sections."""
+    sec = Sections(**{n: _typed(n, cfg.get(n)) for n in SCHEMAS}, domains=list(cfg.get("domains") or []))
+    for rules in (_model, _data, _lora, _moe, _optim):
+        rules(sec)
+    _trainer(cfg)
+    return sec
+
+
+def spread_layers(num_hidden_layers: int, count: int) -> list[int]:
+    """`count` layer indices evenly spread over the depth, centred in equal bands (40, 4 -> 5, 15, 25, 35)."""
+    count = min(count, num_hidden_layers)
+    return [int((i + 0.5) * num_hidden_layers / count) for i in range(count)]
+
+
+def resolve_moe_layers(moe: MoEConfig, num_hidden_layers: int) -> list[int]:
+    """The decoder-layer indices that get MoE blocks; raises ConfigError naming moe.layers when out of range."""
+    if moe.layers is None:
+        return spread_layers(num_hidden_layers, moe.num_layers)
+    out = []
+    for i in moe.layers:
+        check(
+            -num_hidden_layers <= i < num_hidden_layers,
+            "moe.layers",
+            f"index {i} is out of range for a model with {num_hidden_layers} decoder layers "
+            f"(allowed: {-num_hidden_layers}..{num_hidden_layers - 1})",
+        )
+        out.append(i % num_hidden_layers)
+    check(len(set(out)) == len(out), "moe.layers", f"{moe.layers} names a layer twice")
+    return sorted(out)

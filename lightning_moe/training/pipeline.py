@@ -1,0 +1,126 @@
+"""`run(cfg, sections, hf_config)`: one training run, after train.py's config and architecture checks.
+
+lock the run directory -> compare a resumable checkpoint with the config (base model, trained shapes) -> tokenizer
+and data (bad rows fail here) -> module -> Lightning objects from config -> fit (resuming from the run directory)
+-> export -> summary.json. Nothing in the run directory changes before the checks pass; config.yaml is written
+when training starts, and an attempt that fails never replaces a finished run's summary.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_moe.checkpointing.fingerprint import check_resumable
+from lightning_moe.checkpointing.io import AtomicCheckpointIO, load_checkpoint_file, remove_leftover_temporaries
+from lightning_moe.checkpointing.resume import find_resume_checkpoint
+from lightning_moe.config.schema import Sections
+from lightning_moe.data.datamodule import ChatDataModule
+from lightning_moe.checkpointing.trained import export_trainable
+from lightning_moe.models.tokenizer import load_tokenizer
+from lightning_moe.reporting.redact import redact
+from lightning_moe.reporting.summary import build_summary, stop_reason, write_record
+from lightning_moe.training.lock import RunLock
+from lightning_moe.training.module import MoELoRAModule
+
+log = logging.getLogger(__name__)
+
+# Third-party deprecation notices a user of this repository cannot act on.
+_NOISE = (".*set_vital.*", ".*LeafSpec.*", ".*is_gradient_checkpointing.*", ".*gradient_checkpointing_enable.*")
+
+
+def _quiet_logging() -> None:
+    """`import lightning` adds a console handler to the 'lightning' logger and also propagates to the root
+    logger that Hydra configured, so every line printed twice: keep Hydra's."""
+    if logging.getLogger().hasHandlers():
+        for handler in list(logging.getLogger("lightning").handlers):
+            logging.getLogger("lightning").removeHandler(handler)
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def instantiate_all(section: DictConfig | None) -> list:
+    """A dict of named `_target_` configs -> objects; a null entry switches that one off."""
+    return [instantiate(c) for c in (section or {}).values() if c is not None]
+
+
+class _RecordConfig(Callback):
+    """config.yaml (secrets masked) is written when training starts: an attempt that fails before (bad data, a
+    model that does not build) leaves a finished run's record as it was."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            plain = redact(OmegaConf.to_container(self.cfg, resolve=True))
+            OmegaConf.save(OmegaConf.create(plain), self.run_dir / "config.yaml")
+
+
+def run(cfg: DictConfig, sections: Sections, hf_config) -> dict:
+    """Train; `sections` and `hf_config` come from validate_config and check_before_weights (train.py)."""
+    started = time.monotonic()
+    _quiet_logging()
+    run_dir = Path(cfg.run_dir)
+    with RunLock(run_dir):
+        return _run_locked(cfg, sections, hf_config, run_dir, started)
+
+
+def _run_locked(cfg: DictConfig, sections: Sections, hf_config, run_dir: Path, started: float) -> dict:
+    pl.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (router, loss) on tensor cores
+    resume = find_resume_checkpoint(run_dir / "checkpoints") if cfg.get("resume", True) else None
+    if resume:
+        check_resumable(load_checkpoint_file(resume), resume, sections, hf_config)
+        log.info("resuming from %s", resume)
+    for folder in (run_dir, run_dir / "checkpoints"):
+        for leftover in remove_leftover_temporaries(folder):
+            log.info("removed %s, left behind by a killed run", leftover)
+    tokenizer = load_tokenizer(sections.model, sections.data.chat_template)
+    datamodule = ChatDataModule(sections.data, tokenizer, sections.domains)
+    datamodule.setup("fit")  # bad rows fail here, before the model or the run's record is touched
+    module = MoELoRAModule(sections, hf_config, vocab_size=len(tokenizer), seed=cfg.seed)
+
+    callbacks = [*instantiate_all(cfg.get("callbacks")), _RecordConfig(cfg, run_dir)]
+    loggers = instantiate_all(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                      plugins=[AtomicCheckpointIO()])
+    error: BaseException | None = None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+    except SIGTERMException:
+        pass  # the on-exception checkpoint is written; stop_reason says sigterm and train.py exits 143
+    except Exception as e:  # recorded in summary.json, then re-raised (or kept, inside a sweep)
+        error = e
+
+    reason = stop_reason(trainer, module, error)
+    extra = {"run_dir": str(run_dir), "resumed_from": str(resume) if resume else None}
+    if error is not None:
+        extra["error"] = f"{type(error).__name__}: {error}"
+    if reason not in ("error", "sigterm") and module.model is not None and trainer.is_global_zero:
+        extra["export"] = str(export_trainable(module, run_dir / "export"))
+    summary = redact(build_summary(trainer, module, datamodule, reason, started, extra))
+    if trainer.is_global_zero:
+        path = write_record(run_dir, summary)
+        log.info("stop_reason=%s global_step=%s -> %s", reason, summary["global_step"], path)
+    if error is not None and not in_multirun():
+        raise error
+    if error is not None:
+        log.error("trial failed (%s); the sweep goes on", summary["error"])
+    return summary
