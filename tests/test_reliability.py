@@ -209,6 +209,11 @@ def test_non_finite_gradients_are_skipped_then_stop_and_never_reach_checkpoints(
     ("trainer.accelerator=cpu", "model.liger_kernel", "architecture"),  # Liger's kernels are Triton: CUDA only
     ("trainer.accelerator=cpu model.liger_kernel=false model.offload_activations=true", "model.offload_activations",
      "architecture"),
+    # three checks that used to run only after the weights were built
+    ("lora=none moe=none", "nothing to train", "config"),
+    ("model.init=random model.load_in_4bit=true", "model.load_in_4bit", "config"),
+    ("moe=lora_experts moe.lora_targets=[w1,w2]", "moe.lora_targets", "architecture"),
+    ("trainer.accelerator=cpu model.liger_kernel=false trainer.precision=16-mixed", "trainer.precision", "config"),
 ])
 def test_bad_config_on_the_12b_recipe_fails_before_any_weights(tmp_path, override, key, stage):
     """On the 12B architecture with random init, building the model would take minutes and 24 GB. tests/guarded.py
