@@ -16,7 +16,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from lightning_moe.cli import EXIT_SIGTERM, exit_on_user_error  # noqa: E402
+from lightning_moe.cli import EXIT_SIGTERM, exit_on_user_error, quiet_third_party  # noqa: E402
 from lightning_moe.config import validate_config  # noqa: E402
 from lightning_moe.paths import set_project_root  # noqa: E402
 
@@ -28,6 +28,7 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    quiet_third_party()
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return _trial(cfg)
     summary = exit_on_user_error(lambda: _run(cfg))

@@ -6,7 +6,9 @@ Imports no torch: a config mistake is reported before the heavy stack loads.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from typing import Callable
 
 from lightning_moe.config.schema import ConfigError
@@ -15,11 +17,40 @@ EXIT_CONFIG = 2  # a config, data or input mistake, named in the message
 EXIT_SIGTERM = 143  # 128 + SIGTERM: schedulers (Lightning jobs, SLURM) read it as "preempted, retry"
 
 
+# Third-party notices a user of this repository cannot act on: deprecations inside libraries, bitsandbytes'
+# optional CPU kernels, Lightning's tip about litlogger.
+_NOISY_WARNINGS = (".*set_vital.*", ".*LeafSpec.*", ".*is_gradient_checkpointing.*", ".*gradient_checkpointing_enable.*",
+                   ".*litlogger.*", ".*Checkpoint directory .* exists and is not empty.*")
+_NOISY_LOGGERS = ("bitsandbytes",)
+_NOISY_LINES = ("💡 Tip:",)  # Lightning's advertisement for litlogger, at every Trainer start
+
+
+class _DropLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NOISY_LINES)
+
+
+def quiet_third_party() -> None:
+    for pattern in _NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLines())
+
+
 def exit_on_user_error(fn: Callable[[], object]) -> object:
     """Run `fn`; a ConfigError (bad config, data, prompt file, unreachable weights, busy run directory: each a
     subclass) prints `error: ...` naming what to change, and exits 2."""
+    quiet_third_party()
     try:
         return fn()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+
+
+def command_overrides() -> list[str]:
+    """The command line's overrides (Hydra's), for composing a trained run's saved config under them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)

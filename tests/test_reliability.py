@@ -154,30 +154,6 @@ def test_resuming_onto_another_base_model_is_refused_before_weights_load(tmp_pat
     assert not report["weights_built"]
 
 
-def test_export_is_safetensors_and_reloads_to_the_same_model(tmp_path):
-    from transformers import AutoConfig
-
-    from lightning_moe.checkpointing.trained import load_exported
-
-    base = tmp_path / "base"
-    tiny_model("tiny-mistral").save_pretrained(base)
-    run_dir = tmp_path / "run"
-    out = run_train(f"model.name_or_path={base}", "model.init=pretrained", "trainer.max_steps=3", *FAST[2:],
-                    f"hydra.run.dir={run_dir}")
-    assert out.returncode == 0, out.stdout[-3000:]
-    export = run_dir / "export"
-    assert (export / "trainable.safetensors").is_file() and (export / "export_config.json").is_file()
-    model, _ = load_exported(export, AutoConfig.from_pretrained(base), 2048)
-    ckpt = _final(run_dir)["state_dict"]
-    exported = dict(model.named_parameters())
-    for k, v in ckpt.items():  # every trained tensor came back, equal to the final checkpoint's
-        name = k.removeprefix("model.")
-        if name in exported:
-            torch.testing.assert_close(exported[name].detach(), v)
-    assert sum(1 for k in ckpt if k.removeprefix("model.") in exported) == sum(
-        1 for k in ckpt if not k.endswith("e_score_correction_bias"))
-
-
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_non_finite_gradients_are_skipped_then_stop_and_never_reach_checkpoints(tmp_path, policy):
     run_dir = tmp_path / "run"

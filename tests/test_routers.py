@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from lightning_moe.config import ConfigError, validate_config
 from lightning_moe.config.schema import MoEConfig
 from lightning_moe.moe.experts import LoRAExpertMLP, SharedExpert, SwiGLUExperts
-from lightning_moe.moe.layer import RoutingContext, build_block, segment_mean
+from lightning_moe.moe.layer import RoutingContext, build_block, span_mean
 from lightning_moe.moe.routers import build_router
 from lightning_moe.moe.routers.deepseek import DeepSeekRouter
 from lightning_moe.moe.routers.dynamic import DynamicRouter
@@ -70,11 +70,26 @@ def test_router_gates_pass_gradcheck_in_float64(name):
     assert torch.autograd.gradcheck(lambda x_, w_: router(x_, mask, 4).gates, (x, router.weight))
 
 
+def start(ctx, segments: torch.Tensor, domain=None, packed=False) -> None:
+    """Routing metadata with one unit per conversation, pooling the whole conversation (segments -1: padding)."""
+    rows = 1 if packed else int(segments.max()) + 1
+    seq = segments.numel() // rows
+    per_row = segments.view(rows, seq)
+    spans = []
+    for n in range(int(segments.max()) + 1):
+        row = int((per_row == n).any(1).nonzero()[0])
+        where = (per_row[row] == n).nonzero().flatten()
+        spans.append((row, int(where[0]), int(where[-1]) + 1))
+    ctx.start(token_mask=segments >= 0, token_domain=torch.full(segments.shape, -1) if domain is None else domain,
+              segments=segments, num_segments=len(spans), unit_ids=segments, unit_spans=torch.tensor(spans),
+              unit_domain=torch.full((len(spans),), -1), unit_example=torch.arange(len(spans)), packed=packed)
+
+
 def test_sequence_level_routing_passes_gradcheck_in_float64():
     router = TopKRouter(H, E, 1, init_std=1.0).double()
-    segments = torch.tensor([0, 0, 0, 1, 1, -1])
-    x = torch.randn(6, H, dtype=torch.float64, requires_grad=True)
-    fn = lambda x_: router(segment_mean(x_, segments, 2), torch.ones(2, dtype=torch.bool)).gates  # noqa: E731
+    spans = torch.tensor([[0, 0, 3], [0, 3, 5]])  # two conversations in one row, a padding token after them
+    x = torch.randn(1, 6, H, dtype=torch.float64, requires_grad=True)
+    fn = lambda x_: router(span_mean(x_, spans), torch.ones(2, dtype=torch.bool)).gates  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
 
 
@@ -96,8 +111,7 @@ def test_switch_capacity_drops_overflow_tokens_which_keep_only_the_mlp():
     mlp = _mlp()
     block = build_block(mlp, router, 0, ctx, moe, H)
     torch.nn.init.normal_(block.experts.down)
-    ctx.start(token_mask=mask, token_domain=torch.full((16,), -1), segments=torch.arange(2).repeat_interleave(8),
-              num_segments=2, segment_domain=torch.full((2,), -1))
+    start(ctx, torch.where(mask, torch.arange(2).repeat_interleave(8), -1))
     y = block(x).reshape(-1, H)
     base = mlp(x).reshape(-1, H)
     dropped = out.dropped
@@ -151,8 +165,7 @@ def test_sequence_level_routing_gives_every_token_its_conversations_decision():
     torch.nn.init.normal_(block.router.weight, std=1.0)
     x = torch.randn(1, 10, H)
     segments = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])  # three packed conversations
-    ctx.start(token_mask=torch.ones(10, dtype=torch.bool), token_domain=torch.full((10,), -1), segments=segments,
-              num_segments=3, segment_domain=torch.full((3,), -1), packed=True)
+    start(ctx, segments, packed=True)
     block(x)
     (rec,) = ctx.stop()
     pooled = torch.stack([x[0, segments == n].mean(0) for n in range(3)])
@@ -232,8 +245,7 @@ def test_one_block_captures_as_a_single_graph(router_name, form):
     dtype = torch.bfloat16 if form == "upcycled" else torch.float32  # grouped_mm's compile check wants bf16 on CPU
     block = block.to(dtype)
     x = torch.randn(2, 8, H, dtype=dtype, requires_grad=True)
-    ctx.start(token_mask=torch.ones(16, dtype=torch.bool), token_domain=torch.zeros(16, dtype=torch.long),
-              segments=torch.arange(2).repeat_interleave(8), num_segments=2, segment_domain=torch.zeros(2, dtype=torch.long))
+    start(ctx, torch.arange(2).repeat_interleave(8), domain=torch.zeros(16, dtype=torch.long))
     torch._dynamo.reset()
     y = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
     y.float().sum().backward()

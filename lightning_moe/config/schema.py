@@ -88,7 +88,10 @@ class MoEConfig:
     num_layers: int = 4  # with layers=null: this many layers evenly spread over the depth
     # routing
     router: str = "topk"  # topk | switch | expert_choice | dynamic | deepseek
-    routing_level: str = "token"  # token | sequence (one decision per conversation, from its mean hidden state)
+    # token | sequence (one decision per conversation, from its opening prompt) | turn (one decision before each
+    # assistant turn, from the conversation so far; it routes that turn): lightning_moe.data.collate.routing_units
+    routing_level: str = "token"
+    pooling: str = "mean"  # sequence/turn: mean of the tokens before the turn | last_turn: only since the last reply
     router_init_std: float = 0.02
     capacity_factor: float = 1.25  # switch: tokens per expert = factor * tokens / E; expert_choice: experts per token
     dynamic_mode: str = "top_p"  # top_p | threshold

@@ -144,7 +144,8 @@ def _moe(sec: Sections) -> None:
         for key in ("aux_loss_coef", "z_loss_coef", "domain_loss_coef", "loramoe_coef", "entropy_coef",
                     "bias_update_rate", "upcycle_noise"):
             check(getattr(moe, key) >= 0, f"moe.{key}", "must be >= 0 (0 turns the term off)")
-        one_of(moe.routing_level, ("token", "sequence"), "moe.routing_level")
+        one_of(moe.routing_level, ("token", "sequence", "turn"), "moe.routing_level")
+        one_of(moe.pooling, ("mean", "last_turn"), "moe.pooling")
         one_of(moe.dispatch, DISPATCH, "moe.dispatch")
         one_of(moe.upcycle_train, ("lora", "full"), "moe.upcycle_train")
         check(moe.capacity_factor > 0, "moe.capacity_factor", "must be > 0")

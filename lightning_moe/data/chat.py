@@ -46,6 +46,31 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return text, spans
 
 
+def tokens_and_trained_mask(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """Token ids of a rendered conversation and, per token, whether it lies in an assistant span (is trained).
+    The first token is never trained: nothing comes before it (and in a packed row it would see the previous
+    conversation). Training and generation both locate turns this way."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask, s = [], 0
+    for start, _ in enc["offset_mapping"]:
+        while s < len(spans) and start >= spans[s][1]:
+            s += 1
+        mask.append(s < len(spans) and spans[s][0] <= start < spans[s][1])
+    if mask:
+        mask[0] = False
+    return enc["input_ids"], mask
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token ids that end an assistant turn: the template's terminator (the last trained token of a rendered
+    assistant turn, e.g. <|im_end|> or </s>) and the tokenizer's eos. Generation stops at any of them."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    text, spans = assistant_spans(tokenizer, messages)
+    ids, mask = tokens_and_trained_mask(tokenizer, text, spans)
+    terminator = [i for i, m in zip(ids, mask) if m][-1:]
+    return sorted({*terminator, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+
+
 @dataclass
 class ChatRenderer:
     """Conversation -> input_ids and labels (assistant tokens only), truncated or dropped past max_length."""
@@ -56,16 +81,8 @@ class ChatRenderer:
 
     def __call__(self, messages: list[dict]) -> dict:
         text, spans = assistant_spans(self.tokenizer, messages)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        labels = [IGNORE_INDEX] * len(ids)
-        s = 0
-        for t, (start, _) in enumerate(enc["offset_mapping"]):
-            while s < len(spans) and start >= spans[s][1]:
-                s += 1
-            if s < len(spans) and spans[s][0] <= start < spans[s][1]:
-                labels[t] = ids[t]
-        labels[0] = IGNORE_INDEX  # the first token has nothing before it (and in a packed row it would see the previous example)
+        ids, trained = tokens_and_trained_mask(self.tokenizer, text, spans)
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, trained)]
         overlong = len(ids) > self.max_length
         if overlong and self.overlong == "truncate":
             ids, labels = ids[: self.max_length], labels[: self.max_length]

@@ -23,10 +23,12 @@ class ChatDataModule(pl.LightningDataModule):
     resumed run continues with the next batch rather than restarting the epoch.
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer, domains: list[str]):
+    def __init__(self, cfg: DataConfig, tokenizer, domains: list[str], routing_level: str = "sequence",
+                 pooling: str = "mean"):
         super().__init__()
         self.cfg, self.tokenizer, self.domains = cfg, tokenizer, domains
-        self.collator = ChatCollator(tokenizer.pad_token_id, packing=cfg.packing, row_length=cfg.max_length)
+        self.collator = ChatCollator(tokenizer.pad_token_id, packing=cfg.packing, row_length=cfg.max_length,
+                                     routing_level=routing_level, pooling=pooling)
         self.train_set = self.val_set = None
         self.stats: dict = {}
 
@@ -81,6 +83,20 @@ class ChatDataModule(pl.LightningDataModule):
             pin_memory=self.cfg.pin_memory,
             persistent_workers=self.cfg.num_workers > 0,
         )
+
+    def evaluation_dataloader(self, files: list[str] | None = None, batch_size: int | None = None) -> StatefulDataLoader:
+        """The run's own validation split (files=None: the same split as training, so no training row is evaluated),
+        or the conversations of `files`, read and tokenised as validation files are."""
+        if files:
+            ds, reports = read_many(list(files), self.domains, self.cfg.on_error)
+            self.stats["read"] = read_stats(reports)
+            self.val_set = self._tokenise(ds, "val")
+        else:
+            self.setup("validate")
+        loader = self._loader(self.val_set, shuffle=False)
+        if batch_size:
+            loader = StatefulDataLoader(self.val_set, batch_size=batch_size, shuffle=False, collate_fn=self.collator)
+        return loader
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -36,18 +35,12 @@ from lightning_moe.training.module import MoELoRAModule
 
 log = logging.getLogger(__name__)
 
-# Third-party deprecation notices a user of this repository cannot act on.
-_NOISE = (".*set_vital.*", ".*LeafSpec.*", ".*is_gradient_checkpointing.*", ".*gradient_checkpointing_enable.*")
-
-
 def _quiet_logging() -> None:
     """`import lightning` adds a console handler to the 'lightning' logger and also propagates to the root
     logger that Hydra configured, so every line printed twice: keep Hydra's."""
     if logging.getLogger().hasHandlers():
         for handler in list(logging.getLogger("lightning").handlers):
             logging.getLogger("lightning").removeHandler(handler)
-    for pattern in _NOISE:
-        warnings.filterwarnings("ignore", message=pattern)
 
 
 def in_multirun() -> bool:
@@ -93,7 +86,8 @@ def _run_locked(cfg: DictConfig, sections: Sections, hf_config, run_dir: Path, s
         for leftover in remove_leftover_temporaries(folder):
             log.info("removed %s, left behind by a killed run", leftover)
     tokenizer = load_tokenizer(sections.model, sections.data.chat_template)
-    datamodule = ChatDataModule(sections.data, tokenizer, sections.domains)
+    datamodule = ChatDataModule(sections.data, tokenizer, sections.domains, sections.moe.routing_level,
+                                sections.moe.pooling)
     datamodule.setup("fit")  # bad rows fail here, before the model or the run's record is touched
     module = MoELoRAModule(sections, hf_config, vocab_size=len(tokenizer), seed=cfg.seed)
 
