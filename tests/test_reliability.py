@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, clean_env, read_summary, run_guarded, run_train, tiny_model
+from conftest import FAST, REPO, clean_env, read_summary, run_guarded, run_train
 
 from lightning_moe.checkpointing.io import AtomicCheckpointIO
 from lightning_moe.checkpointing.resume import find_resume_checkpoint
