@@ -92,6 +92,9 @@ class MoEConfig:
     # assistant turn, from the conversation so far; it routes that turn): lightning_moe.data.collate.routing_units
     routing_level: str = "token"
     pooling: str = "mean"  # sequence/turn: mean of the tokens before the turn | last_turn: only since the last reply
+    # sequence/turn: the first MoE layer decides for all of them (one expert index per conversation or turn in every
+    # layer), which is what makes a conversation's model one standard adapter (export.py format=per_domain)
+    tied_router: bool = False
     router_init_std: float = 0.02
     capacity_factor: float = 1.25  # switch: tokens per expert = factor * tokens / E; expert_choice: experts per token
     dynamic_mode: str = "top_p"  # top_p | threshold

@@ -146,6 +146,8 @@ def _moe(sec: Sections) -> None:
             check(getattr(moe, key) >= 0, f"moe.{key}", "must be >= 0 (0 turns the term off)")
         one_of(moe.routing_level, ("token", "sequence", "turn"), "moe.routing_level")
         one_of(moe.pooling, ("mean", "last_turn"), "moe.pooling")
+        check(not moe.tied_router or moe.routing_level != "token", "moe.tied_router",
+              "a tied decision is one per conversation or turn: needs moe.routing_level=sequence or turn")
         one_of(moe.dispatch, DISPATCH, "moe.dispatch")
         one_of(moe.upcycle_train, ("lora", "full"), "moe.upcycle_train")
         check(moe.capacity_factor > 0, "moe.capacity_factor", "must be > 0")

@@ -21,6 +21,10 @@ def inject_moe(model: nn.Module, layer_indices: list[int], context: RoutingConte
         name = next(n for n, m in layer.named_children() if m is mlp)
         router = build_router(hidden_size, moe)
         block = build_block(mlp, router, i, context, moe, hidden_size)
+        if moe.tied_router:  # one decision per conversation for every MoE layer: the first block takes it
+            block.tied = "follows" if blocks else "leads"
+            if blocks:
+                block.router.requires_grad_(False)
         setattr(layer, name, block)
         blocks.append(block)
     return blocks

@@ -93,6 +93,8 @@ class RoutingContext:
     packed: bool = False
     generation: GenerationRouting | None = None
     experts_enabled: bool = True
+    forced_expert: int | None = None  # sequence/turn levels: route every unit to this expert (inference only)
+    tied_gates: torch.Tensor | None = None  # moe.tied_router: the deciding (first) block's unit gates, this forward
 
     def start_batch(self, batch: dict) -> None:
         """Before a forward pass over a collated batch (lightning_moe.data.collate): its routing metadata."""
@@ -155,9 +157,12 @@ def span_mean(x: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
 class MoEBlock(nn.Module):
     def __init__(self, mlp: nn.Module, router: Router, experts: nn.Module, form: str, layer_idx: int,
                  context: RoutingContext, level: str = "token", dispatch: str = "dense",
-                 shared: SharedExpert | None = None):
+                 shared: SharedExpert | None = None, tied: str = "none"):
         super().__init__()
         self.form, self.level, self.dispatch, self.layer_idx = form, level, dispatch, layer_idx
+        # moe.tied_router: the first MoE block decides ("leads") and the later ones apply its decision ("follows"), so
+        # one conversation goes to one expert index in every layer; a follower's own router is unused (frozen)
+        self.tied = tied
         # upcycled experts replace the MLP: keeping it would leave its LoRA weights without gradients
         self.mlp = None if form in ("upcycled", "lora") else mlp
         self.router, self.experts, self.shared = router, experts, shared
@@ -180,7 +185,11 @@ class MoEBlock(nn.Module):
                 per_row = out.gates.detach().float().view(x.shape[0], -1, out.gates.shape[-1]).sum(1)
                 gen.reply_gates[self.layer_idx] = gen.reply_gates.get(self.layer_idx, 0) + per_row
             return out, out.gates, (meta["mask"], meta["domain"], meta["segments"])
-        if gen is not None and gen.offset > 0:  # a cached step: the decision taken at the prefill holds
+        if self.tied == "follows":
+            out, unit_gates = None, ctx.tied_gates
+        elif ctx.forced_expert is not None:
+            out, unit_gates = None, self._forced(meta["unit_spans"].shape[0], x.device)
+        elif gen is not None and gen.offset > 0:  # a cached step: the decision taken at the prefill holds
             out, unit_gates = None, gen.decisions[self.layer_idx]
         else:
             spans = meta["unit_spans"]
@@ -188,11 +197,18 @@ class MoEBlock(nn.Module):
             out = self.router(pooled, torch.ones(spans.shape[0], dtype=torch.bool, device=x.device),
                               generating=gen is not None)
             unit_gates = out.gates
-            if gen is not None:
-                gen.decisions[self.layer_idx] = unit_gates.detach()
+        if gen is not None and self.tied != "follows":
+            gen.decisions[self.layer_idx] = unit_gates.detach()
+        if self.tied == "leads":
+            ctx.tied_gates = unit_gates
         gates = unit_gates[meta["unit_ids"].clamp(min=0)] * meta["mask"].unsqueeze(-1)
         ones = torch.ones(unit_gates.shape[0], dtype=torch.bool, device=x.device)
         return out, gates, (ones, meta["unit_domain"], meta["unit_example"])
+
+    def _forced(self, units: int, device) -> torch.Tensor:
+        gates = torch.zeros(units, self.router.num_experts, device=device)
+        gates[:, self.context.forced_expert] = 1.0
+        return gates
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ctx = self.context
@@ -219,7 +235,7 @@ class MoEBlock(nn.Module):
         `active` experts process it: the FLOP count's N and P contributions. LoRA experts' frozen MLP is
         counted with the other frozen linear layers."""
         frozen, trainable = self.experts.flop_params(active)
-        trainable += self.router.weight.numel()
+        trainable += self.router.weight.numel() if self.tied != "follows" else 0  # a follower uses the first decision
         if self.shared is not None:
             trainable += sum(p.numel() for p in self.shared.parameters())
         return frozen, trainable

@@ -1,0 +1,162 @@
+"""export.py as a user runs it: a merged model plain transformers loads, a PEFT adapter peft loads, and one adapter
+per domain with its router, each giving exactly the trained model's logits; stop tokens; refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FAST, REPO, clean_env, run_guarded, run_train
+
+from lightning_moe.checkpointing.load import load_trained, plan_load
+from lightning_moe.config.schema import ConfigError, LoRAConfig, MoEConfig
+from lightning_moe.export.forms import check_format
+from lightning_moe.generation.prompts import render_prompt
+from lightning_moe.models.build import build_model
+from lightning_moe.moe.layer import RoutingContext
+
+REPLY = "I hear you."
+QUESTIONS = ["hi", "hello", "I feel sad", "help me", "good morning", "I am tired", "can we talk", "I worry a lot"]
+
+
+def export(*args: str):
+    return subprocess.run([sys.executable, str(REPO / "export.py"), *args], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A LoRA-only run that learns one reply (so generation's stop at the end of the turn shows)."""
+    root = tmp_path_factory.mktemp("lora_run")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant",
+                    "content": REPLY}]}) + "\n" for q in QUESTIONS * 4))
+    out = run_train("moe=none", f"data.train_files=[{data}]", "trainer.max_steps=30", "trainer.val_check_interval=30",
+                    "optim.lr=1e-2", "optim.warmup_steps=2", "data.max_length=64", f"hydra.run.dir={root}/run")
+    assert out.returncode == 0, out.stdout[-3000:]
+    return root / "run"
+
+
+def _base(plan):
+    """The run's random base, rebuilt from its recorded seed (what a served model would download)."""
+    s = plan.sections
+    model, _ = build_model(s.model, LoRAConfig(enabled=False), MoEConfig(enabled=False), plan.hf_config,
+                           RoutingContext(), 2048, seed=plan.record["seed"], training=False)
+    return model
+
+
+@pytest.mark.slow
+def test_merged_and_peft_exports_load_with_plain_transformers_and_peft_to_the_same_logits(lora_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    for fmt in ("merged", "peft"):
+        out = export(f"run={lora_run}", f"format={fmt}", f"out={tmp_path / fmt}")
+        assert out.returncode == 0, out.stderr[-3000:]
+    plan = plan_load(lora_run)
+    trained = load_trained(plan, "cpu")
+    ids = torch.tensor([render_prompt(trained.tokenizer, [{"role": "user", "content": "I feel sad"}], "token",
+                                      "mean").ids])
+    expected = trained.model(input_ids=ids).logits
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # no trust_remote_code
+    torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    peft = PeftModel.from_pretrained(_base(plan), tmp_path / "peft").eval()
+    torch.testing.assert_close(peft(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+    # the folder's own tokenizer, chat template and generation config: greedy generation ends the turn
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    gen = GenerationConfig.from_pretrained(tmp_path / "merged")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "can we talk"}], add_generation_prompt=True,
+                                     tokenize=False)
+    x = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    gen.max_new_tokens, gen.do_sample = 20, False
+    new = merged.generate(x, generation_config=gen)[0, x.shape[1]:].tolist()
+    stops = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    assert trained.tokenizer.convert_tokens_to_ids("<|im_end|>") in stops  # the template's turn terminator
+    assert new[-1] in stops and len(new) < 20  # stopped at the end of the assistant turn
+    assert tok.decode(new, skip_special_tokens=True) == REPLY
+
+
+@pytest.mark.slow
+def test_per_domain_adapters_equal_the_moe_model_for_each_domain_and_the_router_agrees(tmp_path):
+    from peft import PeftModel
+
+    sys.path.insert(0, str(REPO / "lightning_moe" / "export"))
+    from route import Router
+
+    run = tmp_path / "run"
+    out = run_train("+recipe=servable_tiny", *FAST, "trainer.max_steps=12", "optim.lr=1e-2", f"hydra.run.dir={run}")
+    assert out.returncode == 0, out.stdout[-3000:]
+    out = export(f"run={run}", "format=per_domain", f"out={tmp_path / 'exp'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "vllm serve" in out.stdout and "--enable-lora" in out.stdout
+    plan = plan_load(run)
+    trained = load_trained(plan, "cpu")
+    domains = plan.sections.domains
+    manifest = json.loads((tmp_path / "exp" / "export.json").read_text())
+    assert manifest["adapters"] == domains and manifest["rank"] in (8, 16, 32, 64)
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS[:4]]
+    ids = [torch.tensor([render_prompt(trained.tokenizer, c, "sequence", "mean").ids]) for c in conversations]
+    base = _base(plan)
+    for e, name in enumerate(domains):  # every domain: base + its adapter == the MoE model routed to it
+        adapter = json.loads((tmp_path / "exp" / name / "adapter_config.json").read_text())
+        assert adapter["r"] == manifest["rank"] and not adapter.get("modules_to_save")
+        peft = PeftModel.from_pretrained(base, tmp_path / "exp" / name).eval()
+        trained.routing.forced_expert = e
+        with torch.no_grad():
+            for x in ids:
+                torch.testing.assert_close(peft(input_ids=x).logits, trained.model(input_ids=x).logits,
+                                           rtol=1e-4, atol=1e-4)
+        base = peft.unload()
+    trained.routing.forced_expert = None
+
+    base.save_pretrained(tmp_path / "base")  # the random base, as a served one would be on disk
+    router = Router(tmp_path / "exp", str(tmp_path / "base"))
+    from lightning_moe.generation.generate import Generator, Sampling
+
+    gen = Generator(trained)
+    for c in conversations + [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                               {"role": "user", "content": "I worry"}]]:
+        reply = gen.generate([gen.render(c, 1)], Sampling(max_new_tokens=1))[0]
+        assert router.pick(c) == domains[reply.routing["expert"]]
+
+
+def test_formats_a_form_cannot_produce_are_refused_naming_the_forms_that_can():
+    from conftest import compose
+
+    from lightning_moe.config import validate_config
+
+    def sections(*o):
+        return validate_config(compose(list(o)))
+
+    with pytest.raises(ConfigError, match="merged needs a LoRA-only run"):
+        check_format("merged", sections())
+    for overrides, problem in ((["moe=lora_experts", "moe.top_k=1", "moe.tied_router=true",
+                                 "moe.routing_level=sequence", "moe.expert=adapter"], "moe.expert=adapter"),
+                               (["moe=lora_experts"], "moe.routing_level=token"),
+                               (["moe=sequence", "moe.expert=lora", "moe.top_k=1"], "moe.tied_router=false")):
+        with pytest.raises(ConfigError, match=problem.replace(".", r"\.")) as err:
+            check_format("per_domain", sections(*overrides))
+        assert "+recipe=servable_tiny" in str(err.value)
+    check_format("per_domain", sections("+recipe=servable_tiny"))
+    with pytest.raises(ConfigError, match="format: 'gguf' is not one of"):
+        check_format("gguf", sections())
+
+
+@pytest.mark.parametrize("case", ["wrong_form", "out_exists"])
+def test_export_refuses_before_any_weights_and_writes_nothing(trained_run, tmp_path, case):
+    out_dir = tmp_path / "out"
+    if case == "out_exists":
+        out_dir.mkdir()
+        (out_dir / "keep.txt").write_text("mine")
+    out, report = run_guarded(f"run={trained_run}", "format=merged" if case == "wrong_form" else "format=peft",
+                              f"out={out_dir}", entry="export.py")
+    expected = {"wrong_form": "merged needs a LoRA-only run", "out_exists": "already exists"}[case]
+    assert out.returncode == 2 and expected in out.stderr, out.stderr[-2000:]
+    assert not report["weights_built"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if case == "out_exists" else [])
+    if case == "out_exists":
+        assert (out_dir / "keep.txt").read_text() == "mine"
