@@ -61,9 +61,13 @@ def _trial(cfg: DictConfig) -> float | None:
 
         from lightning_moe.reporting.summary import write_summary
 
+        from lightning_moe.reporting.record import write_command_record
+        from lightning_moe.reporting.redact import redact
+
         logging.getLogger("train").error("trial failed: %s: %s", type(e).__name__, e)
-        write_summary(Path(HydraConfig.get().runtime.output_dir),
-                      {"stop_reason": "error", "error": f"{type(e).__name__}: {e}", "global_step": 0})
+        out = Path(HydraConfig.get().runtime.output_dir)
+        write_command_record(out, None)  # the sweep table finds the trial and its overrides
+        write_summary(out, redact({"stop_reason": "error", "error": f"{type(e).__name__}: {e}", "global_step": 0}))
         return None
     best = summary.get("best_val_loss")
     return best if summary["stop_reason"] != "non_finite" and best is not None and math.isfinite(best) else None

@@ -13,6 +13,7 @@ from typing import Callable
 
 from lightning_moe.config.schema import ConfigError
 
+EXIT_RUNTIME = 1  # the run failed (e.g. a checkpoint could not be written), named in the message
 EXIT_CONFIG = 2  # a config, data or input mistake, named in the message
 EXIT_SIGTERM = 143  # 128 + SIGTERM: schedulers (Lightning jobs, SLURM) read it as "preempted, retry"
 
@@ -31,6 +32,10 @@ class _DropLines(logging.Filter):
 
 
 def quiet_third_party() -> None:
+    """Filter third-party noise, and mask secrets in every log line (Hydra has configured logging by now)."""
+    from lightning_moe.reporting.redact import redact_logs
+
+    redact_logs()
     for pattern in _NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name in _NOISY_LOGGERS:
@@ -42,11 +47,16 @@ def exit_on_user_error(fn: Callable[[], object]) -> object:
     """Run `fn`; a ConfigError (bad config, data, prompt file, unreachable weights, busy run directory: each a
     subclass) prints `error: ...` naming what to change, and exits 2."""
     quiet_third_party()
+    from lightning_moe.checkpointing.io import CheckpointSaveError
+
     try:
         return fn()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    except CheckpointSaveError as e:  # a full disk: one line naming the file, not a traceback through Lightning
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_RUNTIME)
 
 
 def command_overrides() -> list[str]:

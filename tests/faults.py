@@ -48,3 +48,21 @@ class NaNGradAt(Callback):
         if trainer.fit_loop.total_batch_idx in self.batches:
             param = next(p for p in pl_module.parameters() if p.requires_grad and p.grad is not None)
             param.grad.view(-1)[0] = math.nan
+
+
+class DiskFullAt(Callback):
+    """From optimizer step `step` on, every torch.save fails as a full disk does (OSError ENOSPC)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            import errno
+
+            import torch
+
+            def full(*args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            torch.save = full

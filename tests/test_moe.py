@@ -140,7 +140,7 @@ def test_routing_metrics():
     assert m["dead_fraction"].item() == 0.5 and m["active_experts"].item() == pytest.approx(1.25)
     assert m["maxvio"].item() == pytest.approx((0.8 - 0.25) / 0.25)
     assert m["cv"].item() == pytest.approx(torch.tensor([0.8, 0.2, 0.0, 0.0]).std(unbiased=False).item() / 0.25)
-    assert 0 < m["effective_experts"].item() <= 1.0
+    assert 0 < m["effective_expert_fraction"].item() <= 1.0
 
 
 def _inject(model, layers, ctx, **moe):

@@ -12,7 +12,7 @@ import yaml
 from conftest import COUNSEL_CHAT_CSV, FAST, REPO, read_summary, run_train
 
 MOE_CONFIGS = sorted(p.stem for p in (REPO / "conf" / "moe").glob("*.yaml") if p.stem != "none")
-METRICS = {"load", "cv", "maxvio", "entropy", "effective_experts", "dead_fraction", "active_experts", "dropped_fraction"}
+METRICS = {"load", "cv", "maxvio", "entropy", "effective_expert_fraction", "dead_fraction", "active_experts", "dropped_fraction"}
 
 
 @pytest.mark.slow

@@ -20,6 +20,10 @@ TMP_MARK = ".tmp"  # temporary names: .<name>.tmp<pid>; leftovers of killed runs
 class CheckpointSaveError(OSError):
     """Writing a checkpoint failed (e.g. no space left); the previous checkpoints are intact."""
 
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's TorchCheckpointIO, writing through a temporary file + rename, loading weights_only."""
@@ -40,8 +44,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except OSError as e:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise CheckpointSaveError(e.errno, f"saving checkpoint {path} failed ({e.strerror or e}); the previous "
-                                               "checkpoints are intact") from e
+            raise CheckpointSaveError(f"saving checkpoint {path} failed ({e.strerror or e}); the previous "
+                                      "checkpoints are intact", e.errno) from e
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()

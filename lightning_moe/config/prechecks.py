@@ -8,6 +8,7 @@ even for a 12B model: the layer names come from a one-layer copy built on the me
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from omegaconf import DictConfig
@@ -22,6 +23,8 @@ from lightning_moe.config.architecture import (
 )
 from lightning_moe.config.schema import ConfigError, Sections
 from lightning_moe.config.validate import check_precision_on_cpu, resolve_moe_layers
+
+log = logging.getLogger(__name__)
 
 
 def one_layer_model(config: PretrainedConfig, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -65,6 +68,9 @@ def check_liger(model_type: str, accelerator: str, cuda_available: bool) -> None
 def check_before_weights(cfg: DictConfig, sections: Sections, training: bool = True) -> PretrainedConfig:
     """The model's architecture config, after every check that needs it; raises ConfigError or WeightsUnavailable
     naming the key to change. `training=False` (evaluate, generate, export) skips the training-only device checks."""
+    if sections.model.trust_remote_code:
+        log.warning("model.trust_remote_code=true: Python code from '%s''s repository will run",
+                    sections.model.name_or_path)
     model_config = resolve_model_config(sections.model)
     if sections.moe.enabled:
         resolve_moe_layers(sections.moe, model_config.num_hidden_layers)

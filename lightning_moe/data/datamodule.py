@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 from collections import Counter
 
 import datasets
@@ -14,6 +17,7 @@ from lightning_moe.data.collate import ChatCollator
 from lightning_moe.data.formats import DataError, read_many, read_stats
 
 COLUMNS = ["input_ids", "labels", "domain_id"]
+log = logging.getLogger(__name__)
 
 
 class ChatDataModule(pl.LightningDataModule):
@@ -42,6 +46,11 @@ class ChatDataModule(pl.LightningDataModule):
             desc=f"tokenising {split}",
         )
         kept = ds.filter(lambda ex: not ex["dropped"])
+        overlong, dropped = sum(ds["overlong"]), Counter(r for r in ds["dropped"] if r)
+        if overlong or dropped:  # counted in summary.json too; said once here so nobody is surprised later
+            log.warning("%s: %d of %d conversations longer than data.max_length=%d (%s)%s", split, overlong, len(ds),
+                        self.cfg.max_length, "truncated" if self.cfg.overlong == "truncate" else "dropped",
+                        f"; left out: {dict(dropped)}" if dropped else "")
         self.stats[split] = {
             "conversations": len(ds),
             "kept": len(kept),
@@ -66,12 +75,22 @@ class ChatDataModule(pl.LightningDataModule):
             reports += val_reports
         self.stats["read"] = read_stats(reports)
         if val is None:  # deterministic: the same seed and files give the same split on every machine and rank
+            held_out = math.ceil(len(train) * self.cfg.val_fraction)  # datasets' own rule
+            if held_out >= len(train):
+                raise DataError(
+                    f"data.val_fraction: {len(train)} conversation(s) in {list(self.cfg.train_files)} cannot be split "
+                    f"{1 - self.cfg.val_fraction:.0%}/{self.cfg.val_fraction:.0%} into training and validation; give "
+                    "validation files (data.val_files=[...]), another data.val_fraction, or more conversations")
             parts = train.train_test_split(test_size=self.cfg.val_fraction, seed=self.cfg.split_seed, shuffle=True)
             train, val = parts["train"], parts["test"]
+        self.stats["duplicates"] = _duplicates(train, val)
         self.train_set = self._tokenise(train, "train")
         self.val_set = self._tokenise(val, "val")
         if len(self.train_set) == 0:
             raise DataError(f"no trainable conversations left in {self.cfg.train_files}: {self.stats['train']}")
+        if len(self.val_set) == 0:
+            log.warning("the validation set is empty (%s): validation never runs, so there is no best checkpoint and "
+                        "early stopping does nothing", self.stats["val"])
 
     def _loader(self, ds, shuffle: bool) -> StatefulDataLoader:
         return StatefulDataLoader(
@@ -109,6 +128,22 @@ def _with_system(messages: list[dict], prompt: str) -> list[dict]:
     if messages and messages[0]["role"] == "system":
         return messages
     return [{"role": "system", "content": prompt}, *messages]
+
+
+def _duplicates(train: datasets.Dataset, val: datasets.Dataset) -> dict:
+    """Identical conversations (by their messages) within each split and in both: counted, and warned about when
+    validation would score conversations training has seen."""
+    def keys(ds):
+        return [json.dumps(m, sort_keys=True) for m in ds["messages"]]
+
+    tr, va = keys(train), keys(val)
+    out = {"train": len(tr) - len(set(tr)), "val": len(va) - len(set(va)), "train_and_val": len(set(tr) & set(va))}
+    if out["train_and_val"]:
+        log.warning("%d conversations are in both the training and the validation split: validation scores data the "
+                    "model trained on (deduplicate the files, or give data.val_files)", out["train_and_val"])
+    elif out["train"] or out["val"]:
+        log.info("identical conversations: %d in training, %d in validation", out["train"], out["val"])
+    return out
 
 
 def _domain_counts(ids: list[int], domains: list[str]) -> dict:

@@ -33,8 +33,8 @@ def routing_metrics(c: dict[str, torch.Tensor], num_experts: int) -> dict[str, t
     """Per-layer metrics from routing_counts sums.
 
     load: fraction of expert slots each expert processed; cv: coefficient of variation of those loads;
-    maxvio: (max load - mean) / mean; entropy: mean per-row routing entropy (nats); effective_experts:
-    exp(entropy) / E; dead_fraction: experts that processed nothing; active_experts: mean experts per row
+    maxvio: (max load - mean) / mean; entropy: mean per-row routing entropy (nats); effective_expert_fraction:
+    exp(entropy) / E (a fraction, the effective number of experts over E); dead_fraction: experts that processed nothing; active_experts: mean experts per row
     (dynamic routers); dropped_fraction: rows that lost an expert to capacity (Switch)."""
     rows, tokens = c["rows"].clamp(min=1), c["tokens"].clamp(min=1)
     load = c["load"] / c["load"].sum().clamp(min=1)
@@ -45,7 +45,7 @@ def routing_metrics(c: dict[str, torch.Tensor], num_experts: int) -> dict[str, t
         "cv": load.std(unbiased=False) / mean,
         "maxvio": (load.max() - mean) / mean,
         "entropy": entropy,
-        "effective_experts": entropy.exp() / num_experts,
+        "effective_expert_fraction": entropy.exp() / num_experts,
         "dead_fraction": (c["load"] == 0).float().mean(),
         "active_experts": c["active"] / tokens,
         "dropped_fraction": c["dropped"] / rows,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from lightning_moe.reporting.redact import redact_text
 from lightning_moe.upstream import keep_csv_history
 
 _AppendingWriter = keep_csv_history(ExperimentWriter)  # Lightning's writer deletes an existing metrics.csv
@@ -40,12 +42,13 @@ def wandb_logger(save_dir: str, project: str = "lightning-moe", name: str | None
     run_dir = Path(save_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id = kwargs.pop("id", None) or hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
-    return WandbLogger(
-        save_dir=str(run_dir),
-        project=project,
-        name=name or run_dir.name,
-        id=run_id,
-        resume="allow",
-        offline=offline,
-        **kwargs,
-    )
+    logger = WandbLogger(save_dir=str(run_dir), project=project, name=name or run_dir.name, id=run_id, resume="allow",
+                         offline=offline, **kwargs)
+    # wandb records the command line (sys.argv) in the run it uploads: start the run with the secrets masked in it
+    argv = sys.argv
+    sys.argv = [redact_text(a) for a in argv]
+    try:
+        _ = logger.experiment  # rank 0 starts the wandb run here; other ranks get Lightning's dummy
+    finally:
+        sys.argv = argv
+    return logger

@@ -7,6 +7,7 @@ environment variable, or when it looks like a known token format (Hugging Face, 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -47,3 +48,21 @@ def redact(obj):
         return x
 
     return walk(obj)
+
+
+class RedactingFilter(logging.Filter):
+    """Masks secrets in every log line before a handler writes it (the console, Hydra's <run_dir>/train.log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact_text(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        return True
+
+
+def redact_logs() -> None:
+    """Put a RedactingFilter on the root logger's handlers (call after Hydra configured logging)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())

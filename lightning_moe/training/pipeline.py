@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lightning_moe.checkpointing.fingerprint import check_resumable
 from lightning_moe.checkpointing.io import AtomicCheckpointIO, load_checkpoint_file, remove_leftover_temporaries
@@ -28,6 +28,8 @@ from lightning_moe.config.schema import Sections
 from lightning_moe.data.datamodule import ChatDataModule
 from lightning_moe.checkpointing.trained import export_trainable
 from lightning_moe.models.tokenizer import load_tokenizer
+from lightning_moe.reporting.console import run_report
+from lightning_moe.reporting.record import write_command_record
 from lightning_moe.reporting.redact import redact
 from lightning_moe.reporting.summary import build_summary, stop_reason, write_record
 from lightning_moe.training.lock import RunLock
@@ -53,16 +55,26 @@ def instantiate_all(section: DictConfig | None) -> list:
 
 
 class _RecordConfig(Callback):
-    """config.yaml (secrets masked) is written when training starts: an attempt that fails before (bad data, a
-    model that does not build) leaves a finished run's record as it was."""
+    """config.yaml and .hydra/ (secrets masked) are written when training starts: an attempt that fails before
+    (bad data, a model that does not build) leaves a finished run's record as it was."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            plain = redact(OmegaConf.to_container(self.cfg, resolve=True))
-            OmegaConf.save(OmegaConf.create(plain), self.run_dir / "config.yaml")
+            write_command_record(self.run_dir, self.cfg)
+
+
+def _warn_if_validation_never_runs(cfg: DictConfig) -> None:
+    """No validation means no best checkpoint and an early stopping that never fires: say so at the start."""
+    tr = cfg.get("trainer") or {}
+    interval, steps = tr.get("val_check_interval"), tr.get("max_steps", -1)
+    if tr.get("limit_val_batches") == 0:
+        log.info("validation is off (trainer.limit_val_batches=0)")
+    elif isinstance(interval, int) and steps and steps > 0 and interval > steps * tr.get("accumulate_grad_batches", 1):
+        log.warning("trainer.val_check_interval=%d micro-batches > the run's %d: validation never runs, so there is no "
+                    "best checkpoint and early stopping does nothing", interval, steps * tr.get("accumulate_grad_batches", 1))
 
 
 def run(cfg: DictConfig, sections: Sections, hf_config) -> dict:
@@ -89,6 +101,7 @@ def _run_locked(cfg: DictConfig, sections: Sections, hf_config, run_dir: Path, s
     datamodule = ChatDataModule(sections.data, tokenizer, sections.domains, sections.moe.routing_level,
                                 sections.moe.pooling)
     datamodule.setup("fit")  # bad rows fail here, before the model or the run's record is touched
+    _warn_if_validation_never_runs(cfg)
     module = MoELoRAModule(sections, hf_config, vocab_size=len(tokenizer), seed=cfg.seed)
 
     callbacks = [*instantiate_all(cfg.get("callbacks")), _RecordConfig(cfg, run_dir)]
@@ -111,8 +124,12 @@ def _run_locked(cfg: DictConfig, sections: Sections, hf_config, run_dir: Path, s
         extra["export"] = str(export_trainable(module, run_dir / "export"))
     summary = redact(build_summary(trainer, module, datamodule, reason, started, extra))
     if trainer.is_global_zero:
-        path = write_record(run_dir, summary)
-        log.info("stop_reason=%s global_step=%s -> %s", reason, summary["global_step"], path)
+        try:
+            path = write_record(run_dir, summary)
+            log.info("stop_reason=%s global_step=%s -> %s", reason, summary["global_step"], path)
+        except OSError as e:  # e.g. the disk that filled up mid-run: say so, and report the run's own error below
+            log.error("could not write %s/summary.json: %s", run_dir, e)
+        print(run_report(summary, run_dir), flush=True)
     if error is not None and not in_multirun():
         raise error
     if error is not None:

@@ -106,7 +106,7 @@ class ExpertUsageMonitor(Callback):
         val = self.val_report or {}
         return {
             "expert_load": val.get("expert_load") or {k: m["load"] for k, m in self.train_report.items()},
-            # per layer: load, cv, maxvio, entropy, effective_experts, dead_fraction, active_experts,
+            # per layer: load, cv, maxvio, entropy, effective_expert_fraction, dead_fraction, active_experts,
             # dropped_fraction (+ the router's state, e.g. bias); from the last validation, else the last logged batch
             "routing": val.get("routing_metrics") or self.train_report,
             "active_experts": val.get("active_experts"),

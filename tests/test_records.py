@@ -1,0 +1,121 @@
+"""A run never loses its record, never leaks a secret, and says what it is doing: each case one real train.py run
+(or one refused start) with the fault a user meets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, REPO, clean_env, read_summary, run_guarded, run_train, train_cmd
+
+FAULT_ENV = clean_env(PYTHONPATH=str(REPO / "tests"))
+
+
+def _record(run_dir):
+    return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "eval" not in p.parts}
+
+
+def test_a_rerun_that_cannot_continue_a_finished_run_changes_nothing_of_it(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval", ".lock"))
+    before = _record(run)
+    out, report = run_guarded(f"hydra.run.dir={run}", "trainer.max_steps=34", "lora.r=8")
+    assert out.returncode == 2 and "lora.r: 16 in the checkpoint, 8 now" in out.stderr, out.stderr[-2000:]
+    assert "hydra.run.dir=NEW_DIR" in out.stderr and not report["weights_built"]
+    after = _record(run)
+    changed = [p for p in before if after.get(p) != before[p]]
+    assert changed == [Path("train.log")] or changed == [], changed  # only Hydra's log gains the refusal's lines
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen(train_cmd(f"hydra.run.dir={run}", "trainer.max_steps=400", "data.max_length=64"),
+                             cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / ".lock").is_file() and (run / ".lock").read_text()):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        second = run_train(f"hydra.run.dir={run}", "trainer.max_steps=4", timeout=120)
+        assert second.returncode == 2 and "is in use by another run" in second.stdout
+        assert f'"pid": {first.pid}' in second.stdout  # it says who holds it
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    assert first.returncode == 143 and read_summary(run)["stop_reason"] == "sigterm"
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))  # no stray checkpoint of a second writer
+
+
+@pytest.mark.slow
+def test_secrets_from_overrides_env_set_and_interpolation_reach_no_file_of_the_run(tmp_path):
+    secrets = {"plain": "hf_PASTEDplainOVERRIDE1234567", "env_set": "wk-ENVSET-secret-0987654321",
+               "interpolated": "hf_INTERPOLATEDtoken09876543"}
+    run = tmp_path / "run"
+    out = run_train("logger=wandb", f"data.system_prompt={secrets['plain']}",
+                    f"+hydra.job.env_set.WANDB_API_KEY={secrets['env_set']}", "+notes.remark='token ${oc.env:HF_TOKEN}'",
+                    f"hydra.run.dir={run}", *FAST, env=clean_env(WANDB_MODE="offline", HF_TOKEN=secrets["interpolated"]))
+    assert out.returncode == 0, out.stdout[-3000:]
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert {".hydra/overrides.yaml", ".hydra/hydra.yaml", "config.yaml", "train.log"} <= {
+        str(p.relative_to(run)) for p in files}
+    assert list(run.glob("checkpoints/*.ckpt")) and list(run.glob("wandb/offline-run-*/run-*.wandb"))
+    for p in files:
+        data = p.read_bytes()
+        for route, value in secrets.items():
+            assert value.encode() not in data, (route, p)
+    assert not any(v in out.stdout for v in secrets.values())
+
+
+@pytest.mark.slow
+def test_a_full_disk_names_the_failed_checkpoint_keeps_the_others_and_leaves_no_temporary_files(tmp_path):
+    run = tmp_path / "run"
+    out = run_train(f"hydra.run.dir={run}", "trainer.max_steps=8", "callbacks.model_checkpoint.every_n_train_steps=2",
+                    "+callbacks.fault={_target_: faults.DiskFullAt, step: 3}", *FAST[2:], env=FAULT_ENV)
+    assert out.returncode == 1, out.stdout[-3000:]
+    assert "error: saving checkpoint" in out.stdout and "No space left on device" in out.stdout
+    assert "the previous checkpoints are intact" in out.stdout and "Traceback" not in out.stdout
+    good = torch.load(run / "checkpoints" / "step000002.ckpt", map_location="cpu", weights_only=True)
+    assert good["global_step"] == 2
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+    s = read_summary(run)  # written: there was room for it
+    assert s["stop_reason"] == "error" and "saving checkpoint" in s["error"]
+
+
+@pytest.mark.slow
+def test_leftovers_of_a_killed_run_are_removed_and_progress_shows_in_a_log_file(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / ".last.ckpt.tmp999").write_bytes(b"half a checkpoint")
+    (run / ".summary.json.tmp123").write_text("{")
+    out = run_train(f"hydra.run.dir={run}", *FAST, "trainer.log_every_n_steps=2")
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name] and "left behind by a killed run" in out.stdout
+    # stdout is a pipe here, as under nohup or SLURM: plain progress lines, then the closing summary
+    lines = [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert any(line.startswith("step 2/4 | epoch 0 | loss ") and "tokens/s" in line and "ETA" in line for line in lines)
+    assert any(line.startswith("step 4/4") for line in lines) and "\r" not in out.stdout
+    assert "Run finished: stop_reason=max_steps at step 4" in out.stdout
+    assert f"python evaluate.py run={run}" in out.stdout and "domain_expert_matrix.png" in out.stdout
+    assert "Tip:" not in out.stdout and "kernels-community" not in out.stdout  # third-party noise filtered
+
+
+@pytest.mark.parametrize("case", ["one_row", "no_validation"])
+def test_data_too_small_to_split_is_named_and_validation_that_never_runs_is_warned(tmp_path, case):
+    if case == "one_row":
+        data = tmp_path / "one.jsonl"
+        data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "hello"}]}) + "\n")
+        out, report = run_guarded(f"data.train_files=[{data}]", f"hydra.run.dir={tmp_path}/run")
+        assert out.returncode == 2 and "data.val_fraction: 1 conversation(s)" in out.stderr, out.stderr[-2000:]
+        assert "data.val_files" in out.stderr and not report["weights_built"]
+    else:
+        out = run_train("trainer.max_steps=2", "trainer.val_check_interval=1000", *FAST[2:],
+                        f"hydra.run.dir={tmp_path}/run")
+        assert out.returncode == 0 and "validation never runs" in out.stdout, out.stdout[-2000:]
