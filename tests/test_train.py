@@ -88,14 +88,19 @@ def test_sigterm_saves_exits_143_and_the_same_command_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_writes_one_run_dir(tmp_path):
+def test_ddp_on_two_cpu_processes_writes_one_run_dir_and_crosses_uneven_epochs_without_a_hang(tmp_path):
+    """2 gloo processes, micro-batches by tokens over a small file: the epoch's 9 micro-batches are evened out to 5
+    a rank (unequal counts would hang at the epoch's end), three epochs end, DeepSeek's bias sums both ranks' loads."""
     run_dir = tmp_path / "runs" / "ddp"
-    out = run_train(f"hydra.run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2", "moe=deepseek", *FAST,
-                    timeout=300)  # deepseek: the aux-loss-free bias step sums loads across the two ranks
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join((REPO / "data" / "therapeutic_sample.jsonl").read_text().splitlines(True)[:21]))
+    out = run_train(f"hydra.run.dir={run_dir}", "trainer.strategy=ddp", "trainer.devices=2", "moe=deepseek",
+                    f"data.train_files=[{small}]", "data.batch_tokens=256", "data.max_length=128", "data.packing=true",
+                    "trainer.max_steps=12", "trainer.val_check_interval=12", "trainer.limit_val_batches=2", timeout=300)
     assert out.returncode == 0, out.stdout[-3000:]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["ddp"]
     s = read_summary(run_dir)
-    assert s["world_size"] == 2 and s["global_step"] == 4 and s["stop_reason"] == "max_steps"
+    assert s["world_size"] == 2 and s["global_step"] == 12 and s["stop_reason"] == "max_steps" and s["epoch"] >= 2
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert any(abs(b) > 0 for layer in s["routing"].values() for b in layer["bias"])
 

@@ -62,6 +62,12 @@ class DataConfig:
     on_error: str = "raise"  # a bad row: raise (name file, line, problem) | skip (count per reason, report)
     packing: bool = False  # padding-free: conversations share rows of max_length, attention kept inside each
     batch_size: int = 4
+    # micro-batches by tokens: each filled from the shuffled stream up to this many tokens (lightning_moe/data/
+    # sampler.py); batch_size is then unused. null: batch_size conversations a micro-batch
+    batch_tokens: Optional[int] = None
+    # packing: the most tokens in one packed row (null: max_length). With a document-masking attention
+    # (model.attn_implementation=flex_attention) a micro-batch can be one row of batch_tokens: the fullest packing
+    row_length: Optional[int] = None
     num_workers: int = 0
     pin_memory: bool = False
     chat_template: Optional[str] = None  # path to a .jinja file that replaces the tokenizer's template

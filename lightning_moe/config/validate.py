@@ -117,6 +117,10 @@ def _data(sec: Sections) -> None:
     one_of(d.overlong, ("truncate", "drop"), "data.overlong")
     one_of(d.on_error, ("raise", "skip"), "data.on_error")
     check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    check(d.row_length is None or d.row_length >= d.max_length, "data.row_length",
+          f"{d.row_length} < data.max_length={d.max_length}: a conversation of max_length tokens must fit a row")
+    check(d.batch_tokens is None or d.batch_tokens >= d.max_length, "data.batch_tokens",
+          f"{d.batch_tokens} < data.max_length={d.max_length}: a conversation of max_length tokens must fit")
     check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
 
 

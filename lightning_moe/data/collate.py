@@ -74,6 +74,7 @@ class ChatCollator:
     row_length: int | None = None  # packing: the most tokens in a row (data.max_length); None: one row
     routing_level: str = "sequence"  # token-level routing ignores the units; sequence / turn (routing_units)
     pooling: str = "mean"
+    capacity: int | None = None  # tokens a micro-batch can hold (data.batch_tokens, or batch_size x max_length)
 
     def _units(self, features: list[dict]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         return [routing_units(f["labels"], self.routing_level, self.pooling) for f in features]
@@ -136,7 +137,7 @@ class ChatCollator:
         del tables["_first_unit"]
         batch = {"input_ids": ids, "labels": labels, "token_domain": dom, "segment_ids": seg, "unit_ids": unit,
                  **tables, "num_tokens": sum(lengths), "num_examples": len(features),
-                 "attn_sq": sum(n * n for n in lengths),
+                 "attn_sq": sum(n * n for n in lengths), "capacity": self.capacity or width * len(rows),
                  "example_domain": torch.tensor([f["domain_id"] for f in features])}
         if self.packing:
             batch["position_ids"] = pos  # transformers builds the block-diagonal causal mask from these

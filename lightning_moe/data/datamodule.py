@@ -15,6 +15,7 @@ from lightning_moe.config.schema import DataConfig
 from lightning_moe.data.chat import ChatRenderer
 from lightning_moe.data.collate import ChatCollator
 from lightning_moe.data.formats import DataError, read_many, read_stats
+from lightning_moe.data.sampler import TokenBudgetBatchSampler
 
 COLUMNS = ["input_ids", "labels", "domain_id"]
 log = logging.getLogger(__name__)
@@ -31,8 +32,9 @@ class ChatDataModule(pl.LightningDataModule):
                  pooling: str = "mean"):
         super().__init__()
         self.cfg, self.tokenizer, self.domains = cfg, tokenizer, domains
-        self.collator = ChatCollator(tokenizer.pad_token_id, packing=cfg.packing, row_length=cfg.max_length,
-                                     routing_level=routing_level, pooling=pooling)
+        capacity = cfg.batch_tokens or cfg.batch_size * cfg.max_length  # what a micro-batch can hold (fill rate)
+        self.collator = ChatCollator(tokenizer.pad_token_id, packing=cfg.packing, row_length=cfg.row_length or cfg.max_length,
+                                     routing_level=routing_level, pooling=pooling, capacity=capacity)
         self.train_set = self.val_set = None
         self.stats: dict = {}
 
@@ -118,7 +120,19 @@ class ChatDataModule(pl.LightningDataModule):
         return loader
 
     def train_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        if not self.cfg.batch_tokens:
+            return self._loader(self.train_set, shuffle=True)
+        sampler = TokenBudgetBatchSampler(None, [len(x) for x in self.train_set["input_ids"]], self.cfg.batch_tokens,
+                                          self.collator.row_length if self.cfg.packing else None,
+                                          seed=self.cfg.split_seed)
+        self.stats["batches"] = {"batch_tokens": self.cfg.batch_tokens, "micro_batches": len(sampler),
+                                 "fill_rate": round(sampler.fill_rate(), 4),
+                                 "padded_batches": sampler.epoch_batches(0)[1]}
+        log.info("micro-batches of at most %d tokens: %d an epoch, %.1f%% full", self.cfg.batch_tokens, len(sampler),
+                 100 * sampler.fill_rate())
+        return StatefulDataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collator,
+                                  num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
+                                  persistent_workers=self.cfg.num_workers > 0)
 
     def val_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -13,7 +13,8 @@ import time
 import torch
 from lightning.pytorch.callbacks import Callback
 
-_CARRIED = ("first_train_loss", "train_loss", "val_loss", "best_val_loss", "tokens", "flops", "seconds_before")
+_CARRIED = ("first_train_loss", "train_loss", "val_loss", "best_val_loss", "tokens", "capacity", "flops",
+            "seconds_before")
 
 
 class RunStats(Callback):
@@ -23,6 +24,7 @@ class RunStats(Callback):
         self.val_loss: float | None = None
         self.best_val_loss: float | None = None
         self.tokens = 0
+        self.capacity = 0  # tokens the micro-batches could have held: the fill rate is tokens / capacity
         self.flops = 0  # model FLOPs (lightning_moe.models.flops) of the training batches
         self.seconds_before = 0.0  # training time of earlier attempts of this run (restored from the checkpoint)
         self._train_start = self._last_batch_end = self._val_start = None
@@ -41,6 +43,7 @@ class RunStats(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._last_batch_end = time.monotonic()
         self.tokens += batch["num_tokens"]
+        self.capacity += batch.get("capacity", 0)
         self.flops += getattr(pl_module, "flops_per_batch", 0)
         loss = trainer.callback_metrics.get("train/lm_loss")
         if loss is not None:
@@ -81,4 +84,5 @@ class RunStats(Callback):
         seconds = self.train_seconds
         return {"train_loss": self.train_loss, "first_train_loss": self.first_train_loss, "val_loss": self.val_loss,
                 "best_val_loss": self.best_val_loss, "train_s": round(seconds, 3), "tokens_seen": int(tokens),
-                "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None, "_flops": self.flops}
+                "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None, "_flops": self.flops,
+                "fill_rate": round(self.tokens / self.capacity, 4) if self.capacity else None}
