@@ -11,7 +11,7 @@ import sys
 import warnings
 from typing import Callable
 
-from lightning_moe.config.schema import ConfigError
+from lightning_moe.config.schema import ConfigError, RunFailure
 
 EXIT_RUNTIME = 1  # the run failed (e.g. a checkpoint could not be written), named in the message
 EXIT_CONFIG = 2  # a config, data or input mistake, named in the message
@@ -47,14 +47,12 @@ def exit_on_user_error(fn: Callable[[], object]) -> object:
     """Run `fn`; a ConfigError (bad config, data, prompt file, unreachable weights, busy run directory: each a
     subclass) prints `error: ...` naming what to change, and exits 2."""
     quiet_third_party()
-    from lightning_moe.checkpointing.io import CheckpointSaveError
-
     try:
         return fn()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    except CheckpointSaveError as e:  # a full disk: one line naming the file, not a traceback through Lightning
+    except RunFailure as e:  # e.g. a full disk: one line naming the file, not a traceback through Lightning
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_RUNTIME)
 

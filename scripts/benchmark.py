@@ -7,6 +7,14 @@
 
 Variants, each in its own process (so each peak memory is its own), no download (random weights built from
 lightning_moe/architectures/, the bundled tokenizer):
+  plain_liger  (a') the strongest hand-written loop: transformers + PEFT + Liger, micro-batch 2, no checkpointing
+  multiseg     (b) synthetic ~600-token conversations packed several a row (rows of seq, micro-batches of 4 x seq
+               tokens); multiseg_flex: one row of 4 x seq with flex_attention's document mask
+  real_h100    (b) +recipe=therapeutic_h100 as committed on converted counsel-chat + ESConv; real_h100_flex: with
+               flex_attention and one packed row a micro-batch; real_h100_nomoe: moe=none; real_h100_fast,
+               real_h200: those recipes on the same data
+  qlora_24gb_a/_b  therapeutic_qlora on the real data with 20 checkpointed layers and micro-batches of 2 x seq
+               tokens / every layer and 4 x seq: candidates for a 24 GB GPU
   plain        (a) a plain loop written here: transformers + PEFT, LoRA r16/alpha32/dropout 0 on all 7 projections,
                    SDPA, bf16 weights, activation checkpointing, fused AdamW, batch 4 x seq random tokens
   moe          (b) train.py +recipe=RECIPE model.init=random on synthetic conversations of >= seq tokens
@@ -45,11 +53,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-VARIANTS = ["plain", "moe", "nomoe", "moe_ckpt_b4", "moe_ckpt_b4_offload", "moe_ckpt_b4_floor", "h100",
+VARIANTS = ["plain", "plain_liger", "moe", "nomoe", "multiseg", "multiseg_flex", "real_h100", "real_h100_flex",
+            "real_h100_nomoe", "real_h100_fast", "real_h200", "qlora_24gb_a", "qlora_24gb_b", "moe_ckpt_b4", "moe_ckpt_b4_offload", "moe_ckpt_b4_floor", "h100",
             "h100_drop05", "h100_nockpt", "h200", "h200_nomoe", "longest", "qlora", "qlora_upcast",
             "real_padded", "real_packed", "real_packed_h100", "real_packed_h200"]
 # the side-by-side of item 2's targets in < 10 min: (a), (b), (c), the memory floor, the recipes
-DEFAULT = ["plain", "moe", "nomoe", "moe_ckpt_b4", "moe_ckpt_b4_floor", "h100", "h200"]
+# the side-by-side of the speed work's targets: both baselines, synthetic full rows, several conversations a row, and
+# every recipe on real conversations (counsel-chat + ESConv)
+DEFAULT = ["plain", "plain_liger", "moe", "h100", "multiseg", "multiseg_flex", "real_h100", "real_h100_flex",
+           "real_h100_nomoe", "real_h200"]
 REAL_DATA = ["data/generated/counsel_chat.jsonl", "data/generated/esconv.jsonl"]
 
 
@@ -61,7 +73,8 @@ def architecture_config(arch: str):
 
 
 # ---- (a) the plain transformers + PEFT loop ------------------------------------------------------------
-def plain_loop(arch: str, seq: int, batch: int, warmup: int, steps: int, device: str, out: Path) -> None:
+def plain_loop(arch: str, seq: int, batch: int, warmup: int, steps: int, device: str, out: Path,
+               liger: bool = False, checkpointing: bool = True) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -74,7 +87,12 @@ def plain_loop(arch: str, seq: int, batch: int, warmup: int, steps: int, device:
     with dev:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if liger:  # the strongest hand-written loop measured: Liger's kernels, no checkpointing, micro-batch 2
+        from liger_kernel.transformers import apply_liger_kernel_to_mistral
+
+        apply_liger_kernel_to_mistral(model=model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0,  # the recipes' LoRA: r16, alpha 32, no dropout
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
@@ -87,6 +105,7 @@ def plain_loop(arch: str, seq: int, batch: int, warmup: int, steps: int, device:
 
     def step() -> None:
         ids = torch.randint(0, config.vocab_size, (batch, seq), device=dev, generator=gen)
+        model.train()
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -167,6 +186,28 @@ def train_args(name: str, a, out: Path) -> list[str] | None:
         recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={model_dir}", "model.tokenizer=data/tokenizer",
                   "model.gradient_checkpointing=true", "data.batch_size=1"]
         extra = ["model.upcast_non_quantized=true"] if name == "qlora_upcast" else []
+    elif name.startswith("multiseg"):  # synthetic ~600-token conversations, packed several a row
+        data = synthetic_conversations(out / "synthetic_short.jsonl", 4000, max(8, seq // 6))  # ~seq / 3.4 tokens
+        extra = ["data.packing=true", f"data.batch_tokens={4 * seq}"]
+        extra += ["model.attn_implementation=flex_attention", f"data.row_length={4 * seq}"] if name.endswith("_flex") else []
+    elif name.startswith("qlora_24gb"):
+        model_dir = a.scratch / f"random-{a.arch}"
+        if not (model_dir / "config.json").exists():
+            subprocess.run([sys.executable, __file__, "--_save-random", str(model_dir), "--arch", a.arch], check=True)
+        recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={model_dir}", "model.tokenizer=bundled"]
+        extra = {"qlora_24gb_a": ["model.gradient_checkpointing_layers=20", f"data.batch_tokens={2 * seq}"],
+                 "qlora_24gb_b": ["model.gradient_checkpointing_layers=null", f"data.batch_tokens={4 * seq}"]}[name]
+        extra = [f"data.train_files=[{','.join(REAL_DATA)}]", "data.packing=true", *extra]
+    elif name in ("real_h100", "real_h100_flex", "real_h100_nomoe", "real_h100_fast", "real_h200"):
+        missing = [f for f in REAL_DATA if not (REPO / f).exists()]
+        if missing:
+            print(f"skipping {name}: {missing} missing (scripts/convert_counsel_chat.py, convert_esconv.py)")
+            return None
+        recipe = [f"+recipe=therapeutic_{name.split('_')[1] + ('_fast' if name.endswith('_fast') else '')}",
+                  "model.init=random"]
+        extra = [f"data.train_files=[{','.join(REAL_DATA)}]"]
+        extra += ["moe=none"] if name.endswith("_nomoe") else []
+        extra += ["model.attn_implementation=flex_attention", f"data.row_length={4 * seq}"] if name.endswith("_flex") else []
     elif name.startswith("real_"):
         if name in ("real_packed_h200", "real_packed_h100"):
             recipe = [f"+recipe=therapeutic_{name.rsplit('_', 1)[1]}", "model.init=random"]
@@ -175,7 +216,7 @@ def train_args(name: str, a, out: Path) -> list[str] | None:
             print(f"skipping {name}: {missing} missing (scripts/convert_counsel_chat.py, convert_esconv.py)")
             return None
         extra = [f"data.train_files=[{','.join(REAL_DATA)}]", f"data.packing={name != 'real_padded'}"]
-    if data is None and not name.startswith("real_"):
+    if data is None and not name.startswith(("real_", "qlora_24gb")):
         # enough rows that the timed window never reaches the end of an epoch (a dataloader restart and a short
         # last batch would be timed): micro-batches of up to 8, 90% of the rows in the training split
         rows = max(64, -(-(warmup + micro) * 8 * 10 // 9) + 8)
@@ -197,9 +238,10 @@ def _with_scripts() -> str:
 
 # ---- driver -----------------------------------------------------------------------------------------------
 def run_variant(name: str, a, out: Path) -> dict:
-    if name == "plain":
+    if name in ("plain", "plain_liger"):
         cmd = [sys.executable, __file__, "--_plain", "--arch", a.arch, "--seq", str(a.seq), "--device", a.device,
                "--warmup", str(a.warmup), "--micro-batches", str(a.plain_steps), "--out", str(out)]
+        cmd += ["--_liger"] if name == "plain_liger" else []
     else:
         cmd = train_args(name, a, out)
         if cmd is None:
@@ -239,9 +281,13 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="also write OUT/VARIANT.memory.txt (allocator trace)")
     p.add_argument("--override", nargs="*", default=[], help="extra train.py overrides for every variant")
     p.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_liger", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_save-random", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._plain:
+        if a._liger:  # (a'): HF + PEFT + Liger, micro-batch 2, no checkpointing
+            return plain_loop(a.arch, a.seq, 2, a.warmup, a.micro_batches, a.device, a.out / "plain_liger.json",
+                              liger=True, checkpointing=False)
         return plain_loop(a.arch, a.seq, 4, a.warmup, a.micro_batches, a.device, a.out / "plain.json")
     if a._save_random:
         return save_random(a.arch, a._save_random)

@@ -42,6 +42,7 @@ def test_therapeutic_h100_has_every_value_of_the_design():
     assert resolve_moe_layers(s.moe, 40) == [5, 15, 25, 35]  # 4 layers spread over the 40-layer depth
     assert cfg.trainer.precision == "bf16-mixed" and s.optim.fused is True and s.model.gradient_checkpointing
     assert (s.data.batch_size, cfg.trainer.accumulate_grad_batches) == (4, 8)
+    assert s.data.batch_tokens == 4 * 2048  # the design's micro-batch of 4 x 2048, restated in tokens
     # measured (scripts/benchmark.py): 4 checkpointed layers of 40, LoRA dropout 0 (no dropped-out input copies)
     assert s.model.liger_kernel and s.model.gradient_checkpointing_layers == 4 and s.lora.dropout == 0
     qlora = validate_config(compose(["+recipe=therapeutic_qlora"]))

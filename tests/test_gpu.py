@@ -82,3 +82,32 @@ def test_activation_offloading_on_a_side_stream_gives_the_same_gradients():
     assert runs[0][0] == 0 and runs[1][0] >= cfg.num_hidden_layers * 4 * 512 * cfg.hidden_size * 4
     for name, grad in runs[1][1].items():
         torch.testing.assert_close(grad, runs[0][1][name], msg=name)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_packed_rows_on_the_gpu_attend_within_each_conversation(tokenizer, attn):
+    """The GPU attention paths of packed rows (one row of several conversations, marked by position_ids): each
+    conversation's logits equal it alone, for SDPA and flex_attention's document mask."""
+    from lightning_moe.data.chat import ChatRenderer
+    from lightning_moe.data.collate import ChatCollator
+
+    torch.manual_seed(0)
+    cfg = resolve_model_config(ModelConfig(init="random", arch="tiny-mistral"))
+    m = ModelConfig(init="random", arch="tiny-mistral", attn_implementation=attn)
+    model, _ = build_model(m, LoRAConfig(enabled=False), MoEConfig(enabled=False), cfg, RoutingContext(), 2048,
+                           device=torch.device("cuda"), training=False)
+    render = ChatRenderer(tokenizer, 512)
+    texts = ["I keep worrying about work.", "Why do I feel tired all the time?", "Is it normal to cry a lot?"]
+    rows = [render([{"role": "user", "content": t}, {"role": "assistant", "content": t[::-1]}]) | {"domain_id": -1}
+            for t in texts]
+    packed = ChatCollator(tokenizer.pad_token_id, packing=True, row_length=4096)(rows)
+    assert packed["input_ids"].shape[0] == 1  # one row holds all three
+    with torch.no_grad():
+        together = model(input_ids=packed["input_ids"].cuda(), position_ids=packed["position_ids"].cuda(),
+                         use_cache=False).logits[0]
+        start = 0
+        for r in rows:
+            n = len(r["input_ids"])
+            alone = model(input_ids=torch.tensor([r["input_ids"]], device="cuda"), use_cache=False).logits[0]
+            torch.testing.assert_close(together[start:start + n], alone, rtol=2e-3, atol=2e-3)
+            start += n

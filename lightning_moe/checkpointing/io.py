@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lightning_moe.config.schema import RunFailure
+
 TMP_MARK = ".tmp"  # temporary names: .<name>.tmp<pid>; leftovers of killed runs are removed at the next start
 
 
-class CheckpointSaveError(OSError):
+class CheckpointSaveError(OSError, RunFailure):
     """Writing a checkpoint failed (e.g. no space left); the previous checkpoints are intact."""
 
     def __init__(self, message: str, errno: int | None = None):

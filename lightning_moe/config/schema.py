@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and what is allowed."""
 
 
+class RunFailure(Exception):
+    """A run that failed for a reason its message names (e.g. a full disk): reported in one line, exit code 1."""
+
+
 @dataclass
 class ModelConfig:
     name_or_path: Optional[str] = None  # HF Hub id or local directory with config.json + weights

@@ -48,4 +48,8 @@ def generate_file(plan: LoadPlan, rows: list[dict], cfg: DictConfig) -> Path:
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
     os.replace(tmp, out)  # nothing written half: the file appears whole or not at all
     print(f"{len(results)} replies -> {out}")
+    if gen.run.device.type == "cuda":
+        import torch
+
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     return out
