@@ -34,10 +34,12 @@ class ExpertUsageMonitor(Callback):
         self._tally: RoutingTally | None = None
 
     @staticmethod
-    def _layer_metrics(pl_module, records) -> dict[str, dict[str, torch.Tensor]]:
+    def _layer_metrics(pl_module, records, reduce=lambda t: t) -> dict[str, dict[str, torch.Tensor]]:
+        """Per layer, from the counts summed over data-parallel ranks: every rank logs the same numbers."""
         out = {}
         for r in records:
-            m = routing_metrics(routing_counts(r, pl_module.num_experts), pl_module.num_experts)
+            counts = {k: reduce(v) for k, v in routing_counts(r, pl_module.num_experts).items()}
+            m = routing_metrics(counts, pl_module.num_experts)
             m["aux"] = load_balancing_loss([r], pl_module.num_experts)
             m["z"] = router_z_loss([r])
             out[f"layer{r.layer}"] = m | r.router.state_metrics()
@@ -58,8 +60,9 @@ class ExpertUsageMonitor(Callback):
         records = pl_module.routing_records
         if not records or trainer.global_step % self.log_every_n_steps:
             return
+        reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731  every rank logs at this step
         with torch.no_grad():
-            per_layer = self._layer_metrics(pl_module, records)
+            per_layer = self._layer_metrics(pl_module, records, reduce)
         pl_module.log_dict(self._flatten("moe", per_layer), batch_size=batch["num_examples"])
         self.train_report = to_lists(per_layer)
 

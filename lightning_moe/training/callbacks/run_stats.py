@@ -79,8 +79,10 @@ class RunStats(Callback):
                 setattr(self, k, state[k])
 
     def summary_fields(self, trainer) -> dict:
-        tokens = float(trainer.strategy.reduce(torch.tensor(float(self.tokens), device=trainer.strategy.root_device),
-                                             reduce_op="sum"))
+        tokens = float(self.tokens) * trainer.world_size
+        if not trainer.interrupted:  # after SIGTERM or a crash the other ranks are gone: no collective then
+            tokens = float(trainer.strategy.reduce(torch.tensor(float(self.tokens), device=trainer.strategy.root_device),
+                                                   reduce_op="sum"))
         seconds = self.train_seconds
         return {"train_loss": self.train_loss, "first_train_loss": self.first_train_loss, "val_loss": self.val_loss,
                 "best_val_loss": self.best_val_loss, "train_s": round(seconds, 3), "tokens_seen": int(tokens),

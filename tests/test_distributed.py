@@ -1,0 +1,114 @@
+"""Several processes (gloo on a CPU): routing state the same on every rank and equal to one process over the same
+global batch, SIGTERM to the launcher of a 2-process run, and 2 nodes simulated on one machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import FAST, REPO, clean_env, read_summary, run_train, train_cmd
+
+from lightning_moe.moe.layer import RouterRecord
+from lightning_moe.moe.metrics import RoutingTally
+from lightning_moe.moe.routers.deepseek import DeepSeekRouter
+
+H, E, STEPS, TOKENS = 16, 4, 6, 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _route(rank: int, world: int, out: str) -> None:
+    """STEPS optimizer steps of one DeepSeek router over this rank's share of each step's global batch."""
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    router = DeepSeekRouter(H, E, 2, init_std=1.0, bias_update_rate=0.05)
+    tally = RoutingTally(E, ["a", "b"], 2)
+    reduce = (lambda t: (dist.all_reduce(t), t)[1]) if world > 1 else (lambda t: t)
+    for step in range(STEPS):
+        x = torch.randn(TOKENS, H, generator=torch.Generator().manual_seed(step)) + 0.5 * step
+        domain = torch.arange(TOKENS) % 2
+        mine = slice(rank, None, world)  # this rank's tokens of the global batch
+        mask = torch.ones(TOKENS // world, dtype=torch.bool)
+        out_ = router(x[mine], mask)
+        router.observe(out_.selected & mask.unsqueeze(-1))
+        tally.add([RouterRecord(0, out_, mask, domain[mine], torch.zeros_like(mask, dtype=torch.long), 1, router,
+                                out_.gates, mask, domain[mine])])
+        router.after_optimizer_step(lambda t: reduce(t.clone()))
+    metrics = {k: v.tolist() for k, v in tally.per_layer(lambda t: reduce(t.clone()))["layer0"].items()}
+    matrix = tally.matrix(lambda t: reduce(t.clone()))["all_layers"]
+    torch.save({"bias": router.e_score_correction_bias, "metrics": metrics, "matrix": matrix}, f"{out}.{rank}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_routing_state_is_identical_on_every_rank_and_equals_one_process_over_the_global_batch(tmp_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    mp.spawn(_route, args=(2, str(tmp_path / "two")), nprocs=2, join=True)
+    _route(0, 1, str(tmp_path / "one"))
+    r0, r1, one = (torch.load(tmp_path / f, weights_only=False) for f in ("two.0", "two.1", "one.0"))
+    assert torch.equal(r0["bias"], r1["bias"]) and torch.equal(r0["bias"], one["bias"])  # bit-identical
+    assert r0["bias"].abs().sum() > 0  # it moved
+    for key in ("load", "entropy", "active_experts", "dead_fraction"):
+        assert r0["metrics"][key] == r1["metrics"][key]
+        assert torch.allclose(torch.tensor(r0["metrics"][key]), torch.tensor(one["metrics"][key]), atol=1e-6), key
+    assert r0["matrix"] == r1["matrix"]
+    assert torch.allclose(torch.tensor(r0["matrix"]), torch.tensor(one["matrix"]), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_of_two_processes_stops_both_saves_one_checkpoint_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    args = [f"hydra.run.dir={run}", "trainer.strategy=ddp", "trainer.devices=2", "moe=deepseek",
+            "trainer.max_steps=3000", "data.max_length=64", "data.batch_size=2",
+            "callbacks.model_checkpoint.every_n_train_steps=5", "trainer.val_check_interval=100000"]
+    proc = subprocess.Popen(train_cmd(*args), cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not (run / "checkpoints" / "step000005.ckpt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output[-3000:]
+    assert "[rank: 1] Received SIGTERM" in output  # the other rank was told, and stopped at the same step
+    s = read_summary(run)
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert s["stop_reason"] == "sigterm" and last["global_step"] == s["global_step"] >= 5
+    stopped = s["global_step"]
+    out = run_train(*[a.replace("max_steps=3000", f"max_steps={stopped + 4}") for a in args], timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:]
+    t = read_summary(run)
+    assert t["resumed_from"] and t["global_step"] == stopped + 4 and t["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_train_into_one_run_directory(tmp_path):
+    """Lightning's num_nodes=2 with MASTER_ADDR=127.0.0.1 and NODE_RANK 0/1, one process a node, as a cluster
+    without a scheduler would start them: one run directory, written by global rank 0."""
+    run = tmp_path / "run"
+    port = str(_free_port())
+    procs = [subprocess.Popen(train_cmd(f"hydra.run.dir={run}", "trainer.strategy=ddp", "trainer.devices=1",
+                                        "trainer.num_nodes=2", *FAST),
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank)))
+             for rank in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    s = read_summary(run)
+    assert s["world_size"] == 2 and s["global_step"] == 4 and s["stop_reason"] == "max_steps"
+    assert json.loads((run / "summary.json").read_text())["run_dir"] == str(run)
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+    assert "Run finished" in outputs[0] and "Run finished" not in outputs[1]  # reported once, by global rank 0
