@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 DISPATCH = ("auto", "dense", "grouped", "loop")
@@ -179,6 +180,18 @@ class TrainConfig:
 
 
 ConfigStore.instance().store(name="lightning_moe_schema", node=TrainConfig)
+
+
+def per_rank(total: int, devices, nodes=1) -> int:
+    """`${per_rank:8,${trainer.devices},${trainer.num_nodes}}`: a step's micro-batches shared out over the ranks, so the
+    effective batch stays the design's on any number of GPUs (8 on 1 GPU, 4 each on 2, 1 each on 8)."""
+    ranks = int(devices) * int(nodes)
+    if total % ranks:
+        raise ValueError(f"{total} micro-batches a step do not divide over {ranks} ranks (trainer.devices x num_nodes)")
+    return total // ranks
+
+
+OmegaConf.register_new_resolver("per_rank", per_rank, replace=True)
 
 SCHEMAS = {"model": ModelConfig, "data": DataConfig, "lora": LoRAConfig, "moe": MoEConfig, "optim": OptimConfig}
 
