@@ -25,7 +25,7 @@ run: install
 	$(BIN)/python train.py $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)

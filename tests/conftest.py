@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -66,9 +67,18 @@ def train_cmd(*args: str) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), *args]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HF_HUB_OFFLINE"))}
-    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **extra)
+    """The environment of a user's shell, plus a port of its own for a DDP rendezvous: two DDP runs on two xdist
+    workers must not meet on one port."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HF_HUB_OFFLINE", "MASTER_PORT"))}
+    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", MASTER_PORT=str(free_port()))
+    env.update(extra)
     return env
 
 

@@ -1,32 +1,26 @@
 """Several processes (gloo on a CPU): routing state the same on every rank and equal to one process over the same
-global batch, SIGTERM to the launcher of a 2-process run, and 2 nodes simulated on one machine."""
+global batch, SIGTERM to one process of a 2-process run, and 2 nodes simulated on one machine."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import FAST, REPO, clean_env, read_summary, run_train, train_cmd
+from conftest import FAST, REPO, clean_env, free_port, read_summary, run_train, train_cmd
 
 from lightning_moe.moe.layer import RouterRecord
 from lightning_moe.moe.metrics import RoutingTally
 from lightning_moe.moe.routers.deepseek import DeepSeekRouter
 
 H, E, STEPS, TOKENS = 16, 4, 6, 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _route(rank: int, world: int, out: str) -> None:
@@ -54,8 +48,9 @@ def _route(rank: int, world: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_routing_state_is_identical_on_every_rank_and_equals_one_process_over_the_global_batch(tmp_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+def test_routing_state_is_identical_on_every_rank_and_equals_one_process_over_the_global_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     mp.spawn(_route, args=(2, str(tmp_path / "two")), nprocs=2, join=True)
     _route(0, 1, str(tmp_path / "one"))
     r0, r1, one = (torch.load(tmp_path / f, weights_only=False) for f in ("two.0", "two.1", "one.0"))
@@ -68,8 +63,17 @@ def test_routing_state_is_identical_on_every_rank_and_equals_one_process_over_th
     assert torch.allclose(torch.tensor(r0["matrix"]), torch.tensor(one["matrix"]), atol=1e-6)
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in (Path("/proc") / str(pid) / "task" / str(pid) / "children").read_text().split()]
+
+
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_of_two_processes_stops_both_saves_one_checkpoint_and_resumes(tmp_path):
+@pytest.mark.xdist_group("ddp")  # one DDP run at a time: 4 gloo ranks on 2 cores crawl
+@pytest.mark.parametrize("target", ["launcher", "rank1"])
+def test_sigterm_to_one_process_of_two_stops_both_at_one_step_and_resumes(tmp_path, target):
+    """The launcher (rank 0, which passes the signal on) or rank 1 alone gets SIGTERM; both ranks stop after the same
+    micro-batch (SigtermSync; Lightning alone lets the signalled rank leave while the other waits in a collective),
+    one checkpoint of that step is written, the launcher exits 143 and the run resumes on 2 processes."""
     run = tmp_path / "run"
     args = [f"hydra.run.dir={run}", "trainer.strategy=ddp", "trainer.devices=2", "moe=deepseek",
             "trainer.max_steps=3000", "data.max_length=64", "data.batch_size=2",
@@ -80,13 +84,20 @@ def test_sigterm_to_the_launcher_of_two_processes_stops_both_saves_one_checkpoin
     while not (run / "checkpoints" / "step000005.ckpt").exists():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
+    os.kill(proc.pid if target == "launcher" else _children(proc.pid)[0], signal.SIGTERM)
+    try:
+        output = proc.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        for pid in [*_children(proc.pid), proc.pid]:
+            os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"SIGTERM to the {target} left the run hanging: " + proc.communicate()[0][-3000:])
     assert proc.returncode == 143, output[-3000:]
-    assert "[rank: 1] Received SIGTERM" in output  # the other rank was told, and stopped at the same step
+    assert "[rank: 1] Received SIGTERM" in output
     s = read_summary(run)
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert s["stop_reason"] == "sigterm" and last["global_step"] == s["global_step"] >= 5
+    if target == "rank1":
+        return
     stopped = s["global_step"]
     out = run_train(*[a.replace("max_steps=3000", f"max_steps={stopped + 4}") for a in args], timeout=300)
     assert out.returncode == 0, out.stdout[-3000:]
@@ -95,11 +106,12 @@ def test_sigterm_to_the_launcher_of_two_processes_stops_both_saves_one_checkpoin
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ddp")  # one DDP run at a time: 4 gloo ranks on 2 cores crawl
 def test_two_nodes_on_one_machine_train_into_one_run_directory(tmp_path):
     """Lightning's num_nodes=2 with MASTER_ADDR=127.0.0.1 and NODE_RANK 0/1, one process a node, as a cluster
     without a scheduler would start them: one run directory, written by global rank 0."""
     run = tmp_path / "run"
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen(train_cmd(f"hydra.run.dir={run}", "trainer.strategy=ddp", "trainer.devices=1",
                                         "trainer.num_nodes=2", *FAST),
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

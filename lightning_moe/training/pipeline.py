@@ -32,6 +32,7 @@ from lightning_moe.reporting.console import run_report
 from lightning_moe.reporting.record import write_command_record
 from lightning_moe.reporting.redact import redact
 from lightning_moe.reporting.summary import build_summary, stop_reason, write_record
+from lightning_moe.training.callbacks.sigterm import SigtermSync
 from lightning_moe.training.lock import RunLock
 from lightning_moe.training.module import MoELoRAModule
 
@@ -104,7 +105,8 @@ def _run_locked(cfg: DictConfig, sections: Sections, hf_config, run_dir: Path, s
     _warn_if_validation_never_runs(cfg)
     module = MoELoRAModule(sections, hf_config, vocab_size=len(tokenizer), seed=cfg.seed)
 
-    callbacks = [*instantiate_all(cfg.get("callbacks")), _RecordConfig(cfg, run_dir)]
+    # SigtermSync is not a config choice: without it a SIGTERM can hang a DDP run (sigterm.py says how)
+    callbacks = [*instantiate_all(cfg.get("callbacks")), _RecordConfig(cfg, run_dir), SigtermSync()]
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                       plugins=[AtomicCheckpointIO()])
