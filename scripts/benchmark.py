@@ -53,8 +53,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-VARIANTS = ["plain", "plain_liger", "moe", "nomoe", "multiseg", "multiseg_flex", "real_h100", "real_h100_flex",
-            "real_h100_nomoe", "real_h100_fast", "real_h200", "qlora_24gb_a", "qlora_24gb_b", "moe_ckpt_b4", "moe_ckpt_b4_offload", "moe_ckpt_b4_floor", "h100",
+VARIANTS = ["plain", "plain_liger", "moe", "nomoe", "multiseg", "multiseg_sdpa", "multiseg_varlen", "multiseg_flex",
+            "real_h100", "real_h100_sdpa", "real_h100_varlen", "real_h100_flex", "real_h100_nomoe", "real_h100_fast",
+            "real_h200", "real_h200_sdpa", "real_h200_varlen", "qlora_24gb_a", "qlora_24gb_b", "qlora_24gb_c", "moe_ckpt_b4", "moe_ckpt_b4_offload", "moe_ckpt_b4_floor", "h100",
             "h100_drop05", "h100_nockpt", "h200", "h200_nomoe", "longest", "qlora", "qlora_upcast",
             "real_padded", "real_packed", "real_packed_h100", "real_packed_h200"]
 # the side-by-side of item 2's targets in < 10 min: (a), (b), (c), the memory floor, the recipes
@@ -141,18 +142,20 @@ def save_random(arch: str, path: Path) -> None:
 
 
 # ---- (b), (c): the real path ------------------------------------------------------------------------------
-def synthetic_conversations(path: Path, rows: int, tokens: int, seed: int = 0) -> Path:
+def synthetic_conversations(path: Path, rows: int, tokens: int, seed: int = 0, shortest: int | None = None) -> Path:
     """Chat rows of random lowercase words, long enough that every row is truncated to `tokens` (the
-    bundled tokenizer splits a random word into ~3 tokens): all tokens of every micro-batch are real."""
+    bundled tokenizer splits a random word into ~3 tokens): all tokens of every micro-batch are real.
+    `shortest`: each row's size is drawn between it and `tokens` instead (conversations of varied lengths)."""
     rng = random.Random(seed)
     words = lambda n: " ".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 8)))  # noqa: E731
                                for _ in range(n))
     domains = ["psychology", "mental_health", "bias_detection", "general_therapeutic"]
     with open(path, "w") as f:
         for i in range(rows):
+            size = tokens if shortest is None else rng.randint(shortest, tokens)
             f.write(json.dumps({"domain": domains[i % 4], "messages": [
-                {"role": "user", "content": words(tokens // 12)},
-                {"role": "assistant", "content": words(tokens // 2)}]}) + "\n")
+                {"role": "user", "content": words(max(1, size // 12))},
+                {"role": "assistant", "content": words(size // 2)}]}) + "\n")
     return path
 
 
@@ -186,19 +189,21 @@ def train_args(name: str, a, out: Path) -> list[str] | None:
         recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={model_dir}", "model.tokenizer=data/tokenizer",
                   "model.gradient_checkpointing=true", "data.batch_size=1"]
         extra = ["model.upcast_non_quantized=true"] if name == "qlora_upcast" else []
-    elif name.startswith("multiseg"):  # synthetic ~600-token conversations, packed several a row
-        data = synthetic_conversations(out / "synthetic_short.jsonl", 4000, max(8, seq // 6))  # ~seq / 3.4 tokens
-        extra = ["data.packing=true", f"data.batch_tokens={4 * seq}"]
-        extra += ["model.attn_implementation=flex_attention", f"data.row_length={4 * seq}"] if name.endswith("_flex") else []
+    elif name.startswith("multiseg"):  # synthetic conversations of ~140-1000 tokens (~560), packed several a row
+        data = synthetic_conversations(out / "synthetic_short.jsonl", 4000, max(8, seq // 6), shortest=max(4, seq // 40))
+        extra = ["data.packing=true", f"data.batch_tokens={4 * seq}", *attention(name, seq)]
     elif name.startswith("qlora_24gb"):
         model_dir = a.scratch / f"random-{a.arch}"
         if not (model_dir / "config.json").exists():
             subprocess.run([sys.executable, __file__, "--_save-random", str(model_dir), "--arch", a.arch], check=True)
         recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={model_dir}", "model.tokenizer=bundled"]
         extra = {"qlora_24gb_a": ["model.gradient_checkpointing_layers=20", f"data.batch_tokens={2 * seq}"],
-                 "qlora_24gb_b": ["model.gradient_checkpointing_layers=null", f"data.batch_tokens={4 * seq}"]}[name]
+                 "qlora_24gb_b": ["model.gradient_checkpointing_layers=null", f"data.batch_tokens={4 * seq}"],
+                 "qlora_24gb_c": ["model.gradient_checkpointing=false", "model.gradient_checkpointing_layers=null",
+                                  f"data.batch_tokens={seq}"]}[name]
         extra = [f"data.train_files=[{','.join(REAL_DATA)}]", "data.packing=true", *extra]
-    elif name in ("real_h100", "real_h100_flex", "real_h100_nomoe", "real_h100_fast", "real_h200"):
+    elif name in ("real_h100", "real_h100_flex", "real_h100_sdpa", "real_h100_varlen", "real_h100_nomoe",
+                  "real_h100_fast", "real_h200", "real_h200_sdpa", "real_h200_varlen"):
         missing = [f for f in REAL_DATA if not (REPO / f).exists()]
         if missing:
             print(f"skipping {name}: {missing} missing (scripts/convert_counsel_chat.py, convert_esconv.py)")
@@ -207,7 +212,7 @@ def train_args(name: str, a, out: Path) -> list[str] | None:
                   "model.init=random"]
         extra = [f"data.train_files=[{','.join(REAL_DATA)}]"]
         extra += ["moe=none"] if name.endswith("_nomoe") else []
-        extra += ["model.attn_implementation=flex_attention", f"data.row_length={4 * seq}"] if name.endswith("_flex") else []
+        extra += attention(name, seq)
     elif name.startswith("real_"):
         if name in ("real_packed_h200", "real_packed_h100"):
             recipe = [f"+recipe=therapeutic_{name.rsplit('_', 1)[1]}", "model.init=random"]
@@ -229,6 +234,14 @@ def train_args(name: str, a, out: Path) -> list[str] | None:
             f"+callbacks.bench={{_target_: step_timer.StepTimer, out: {out / name}.json, "
             f"warmup: {warmup}, steps: {micro}, profile: {a.profile}, memory_trace: {a.memory}}}",
             *extra, *a.override]
+
+
+def attention(name: str, seq: int) -> list[str]:
+    """A variant's attention suffix: _flex (flex_attention's document mask, one row of 4 x seq a micro-batch),
+    _varlen (FlashAttention spans), _sdpa (SDPA's block-diagonal mask); none: the recipe's own."""
+    if name.endswith("_flex"):
+        return ["model.attn_implementation=flex_attention", f"data.row_length={4 * seq}"]
+    return [f"model.attn_implementation={name.rsplit('_', 1)[1]}"] if name.endswith(("_varlen", "_sdpa")) else []
 
 
 def _with_scripts() -> str:

@@ -47,12 +47,15 @@ def tiny_hf_config(arch: str = "tiny-mistral", **overrides):
     return cfg
 
 
-def tiny_model(arch: str = "tiny-mistral", seed: int = 0, **overrides):
+def tiny_model(arch: str = "tiny-mistral", seed: int = 0, attn: str = "sdpa", **overrides):
     from transformers import AutoModelForCausalLM
 
+    from lightning_moe.models import varlen
+
+    varlen.register()
     torch.manual_seed(seed)
     overrides.setdefault("use_cache", False)  # as in training; a KV cache also turns off packed-sequence masks
-    return AutoModelForCausalLM.from_config(tiny_hf_config(arch, **overrides), attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_config(tiny_hf_config(arch, **overrides), attn_implementation=attn).eval()
 
 
 @pytest.fixture(scope="session")

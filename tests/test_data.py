@@ -14,6 +14,7 @@ from lightning_moe.data.collate import ChatCollator
 from lightning_moe.data.formats import DataError, read_conversations
 from lightning_moe.data.chat import IGNORE_INDEX
 from lightning_moe.data.datamodule import ChatDataModule
+from lightning_moe.models.varlen import span_kwargs
 
 DOMAINS = ["psychology", "mental_health", "bias_detection", "general_therapeutic"]
 CONV = [
@@ -164,11 +165,13 @@ def _packed_logits(out, packed, feats):
     return [out.logits[packed["segment_ids"] == i] for i in range(len(feats))]
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
 @pytest.mark.parametrize("row_length", [None, "longest"], ids=["one-row", "rows-of-max-length"])
-def test_packed_batch_equals_each_example_alone(tokenizer, row_length):
+def test_packed_batch_equals_each_example_alone(tokenizer, row_length, attn):
     """Padding-free packing must not let attention (or the loss) cross conversation boundaries, neither inside a
-    row nor into the padding segment that fills a shorter row."""
-    model = tiny_model("tiny-mistral", seed=3, vocab_size=len(tokenizer))
+    row nor into the padding segment that fills a shorter row: for SDPA's block-diagonal mask and for varlen's
+    spans (its CPU form: the same spans, one SDPA call each; tests/test_gpu.py runs its kernel)."""
+    model = tiny_model("tiny-mistral", seed=3, attn=attn, vocab_size=len(tokenizer))
     render = ChatRenderer(tokenizer, 4096)
     convs = [CONV, CONV[:3], [CONV[1], {"role": "assistant", "content": "Tell me more about that."}]]
     feats = [render(c) | {"domain_id": i} for i, c in enumerate(convs)]
@@ -185,12 +188,25 @@ def test_packed_batch_equals_each_example_alone(tokenizer, row_length):
             lengths[0] - lengths[1] - lengths[2])
     assert packed["num_tokens"] == padded["num_tokens"] == padded["attention_mask"].sum() == (
         packed["segment_ids"] >= 0).sum()
+    spans = span_kwargs(model, packed)
+    assert bool(spans) == (attn == "varlen")
+    if spans:  # each conversation and the padding segment one span, the rows laid end to end
+        ends = [len(f["input_ids"]) for f in feats] if cap is None else [lengths[0], lengths[1], lengths[2],
+                                                                          lengths[0] - lengths[1] - lengths[2]]
+        assert spans["cu_seq_lens_q"].tolist() == [sum(ends[:i]) for i in range(len(ends) + 1)]
     with torch.no_grad():
-        out_packed = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], labels=packed["labels"])
+        out_packed = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], labels=packed["labels"],
+                           **spans)
         out_padded = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], labels=padded["labels"])
         singles = [model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])) for f in feats]
     for logits, single in zip(_packed_logits(out_packed, packed, feats), singles):
         torch.testing.assert_close(logits, single.logits[0], rtol=1e-4, atol=1e-4)
+    if spans:  # the spans, not the mask, keep the conversations apart: one span over everything lets them mix
+        total = int(spans["cu_seq_lens_q"][-1])
+        whole = spans | {"cu_seq_lens_q": spans["cu_seq_lens_q"][[0, -1]], "max_length_q": total}
+        with torch.no_grad():
+            mixed = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], **whole)
+        assert not torch.allclose(_packed_logits(mixed, packed, feats)[-1], singles[-1].logits[0], atol=1e-3)
     # token-weighted mean of per-example losses == packed loss == padded loss
     counts = [sum(lab != IGNORE_INDEX for lab in f["labels"][1:]) for f in feats]
     expected = sum(s.loss * c for s, c in zip(singles, counts)) / sum(counts)

@@ -3,6 +3,7 @@ Skipped on CPU (CI); run on the GPU machine: `python -m pytest tests/test_gpu.py
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -84,12 +85,14 @@ def test_activation_offloading_on_a_side_stream_gives_the_same_gradients():
         torch.testing.assert_close(grad, runs[0][1][name], msg=name)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+@pytest.mark.parametrize("attn", ["sdpa", "varlen", "flex_attention"])
 def test_packed_rows_on_the_gpu_attend_within_each_conversation(tokenizer, attn):
     """The GPU attention paths of packed rows (one row of several conversations, marked by position_ids): each
-    conversation's logits equal it alone, for SDPA and flex_attention's document mask."""
+    conversation's logits equal it alone, for SDPA, varlen's FlashAttention spans and flex_attention's document
+    mask."""
     from lightning_moe.data.chat import ChatRenderer
     from lightning_moe.data.collate import ChatCollator
+    from lightning_moe.models.varlen import span_kwargs
 
     torch.manual_seed(0)
     cfg = resolve_model_config(ModelConfig(init="random", arch="tiny-mistral"))
@@ -102,12 +105,22 @@ def test_packed_rows_on_the_gpu_attend_within_each_conversation(tokenizer, attn)
             for t in texts]
     packed = ChatCollator(tokenizer.pad_token_id, packing=True, row_length=4096)(rows)
     assert packed["input_ids"].shape[0] == 1  # one row holds all three
-    with torch.no_grad():
+    # FlashAttention (varlen) takes 16-bit inputs: autocast as in bf16-mixed training
+    amp = torch.autocast("cuda", torch.bfloat16) if attn == "varlen" else contextlib.nullcontext()
+    tol = 3e-2 if attn == "varlen" else 2e-3
+    with torch.no_grad(), amp:
+        spans = {k: v.cuda() if torch.is_tensor(v) else v for k, v in span_kwargs(model, packed).items()}
+        assert bool(spans) == (attn == "varlen")
         together = model(input_ids=packed["input_ids"].cuda(), position_ids=packed["position_ids"].cuda(),
-                         use_cache=False).logits[0]
+                         use_cache=False, **spans).logits[0]
         start = 0
         for r in rows:
             n = len(r["input_ids"])
             alone = model(input_ids=torch.tensor([r["input_ids"]], device="cuda"), use_cache=False).logits[0]
-            torch.testing.assert_close(together[start:start + n], alone, rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(together[start:start + n], alone, rtol=tol, atol=tol)
             start += n
+        if spans:  # the spans keep them apart: one span over the row mixes the last conversation with the others
+            whole = spans | {"cu_seq_lens_q": spans["cu_seq_lens_q"][[0, -1]], "max_length_q": start}
+            mixed = model(input_ids=packed["input_ids"].cuda(), position_ids=packed["position_ids"].cuda(),
+                          use_cache=False, **whole).logits[0]
+            assert (mixed[start - n:start] - alone).abs().max() > 10 * (together[start - n:start] - alone).abs().max()

@@ -36,6 +36,8 @@ class ModelConfig:
     arch: Optional[str] = None  # architecture json (lightning_moe/architectures/NAME.json) used by init=random
     tokenizer: Optional[str] = None  # null: the model's own; falls back to data/tokenizer for init=random
     dtype: str = "float32"  # dtype of the frozen base weights; trainable weights stay float32
+    # sdpa | eager | flex_attention | varlen: packed rows through torch's variable-length FlashAttention, each
+    # conversation its own span and no mask (lightning_moe/models/varlen.py; padded batches and generation: SDPA)
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     # with gradient_checkpointing: checkpoint this many decoder layers, spread over the depth (null: all); the
@@ -71,7 +73,7 @@ class DataConfig:
     # sampler.py); batch_size is then unused. null: batch_size conversations a micro-batch
     batch_tokens: Optional[int] = None
     # packing: the most tokens in one packed row (null: max_length). With a document-masking attention
-    # (model.attn_implementation=flex_attention) a micro-batch can be one row of batch_tokens: the fullest packing
+    # (model.attn_implementation=varlen or flex_attention) a micro-batch can be one row of batch_tokens: the fullest packing
     row_length: Optional[int] = None
     num_workers: int = 0
     pin_memory: bool = False

@@ -17,7 +17,9 @@ attention never crosses conversations. A row shorter than the widest is filled w
 segment (position_ids from 0, labels ignored, segment -1), so no attention_mask is needed. Rows of max_length,
 not one row of the whole micro-batch: SDPA computes the masked scores of a row in full, so 4 conversations of
 2048 tokens in one row would cost 4x the attention of 4 rows; and rows that each hold one conversation and no
-padding need no mask at all (the causal kernel, as unpacked).
+padding need no mask at all (the causal kernel, as unpacked). Packed batches also carry each conversation's and
+padding segment's span over the rows laid end to end (`cu_seq_lens_q` ...: `span_kwargs`), which
+model.attn_implementation=varlen runs as FlashAttention spans instead of a mask.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class ChatCollator:
         pos = torch.zeros(shape, dtype=torch.long)
         units = self._units(features)
         placed = [None] * len(features)
+        segment_lengths: list[int] = []  # conversations and padding, row after row: varlen attention's spans
         for r, members in enumerate(rows):
             offset = 0
             for i in members:
@@ -130,6 +133,7 @@ class ChatCollator:
                 offset += n
             if self.packing and width > offset:  # padding: its own segment, from position 0, trains nothing
                 pos[r, offset:] = torch.arange(width - offset)
+            segment_lengths += [lengths[i] for i in members] + ([width - offset] if width > offset else [])
         tables = self._unit_tables(features, units, placed)
         for i, (unit_of_token, _) in enumerate(units):
             r, offset = placed[i]
@@ -141,9 +145,18 @@ class ChatCollator:
                  "example_domain": torch.tensor([f["domain_id"] for f in features])}
         if self.packing:
             batch["position_ids"] = pos  # transformers builds the block-diagonal causal mask from these
+            batch |= span_kwargs(segment_lengths)
         else:
             batch["attention_mask"] = (seg >= 0).long()
         return batch
+
+
+def span_kwargs(spans: list[int]) -> dict:
+    """A packed micro-batch's spans as transformers' FlashAttention kwargs, over its rows flattened one after
+    another (model.attn_implementation=varlen reads them: lightning_moe/models/varlen.py)."""
+    starts = torch.tensor([0, *spans], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return {"cu_seq_lens_q": starts, "cu_seq_lens_k": starts, "max_length_q": max(spans),
+            "max_length_k": max(spans)}
 
 
 def batch_num_tokens(batch: dict) -> int:

@@ -21,6 +21,7 @@ from lightning_moe.config.schema import LoRAConfig, ModelConfig, MoEConfig
 from lightning_moe.config.validate import resolve_moe_layers
 from lightning_moe.models.activation_checkpointing import checkpoint_only, checkpointed_layers
 from lightning_moe.models.kernels import apply_liger
+from lightning_moe.models import varlen
 from lightning_moe.models.lora import apply_lora
 from lightning_moe.moe.inject import inject_moe
 from lightning_moe.moe.layer import MoEBlock, RoutingContext
@@ -33,6 +34,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def _base(m: ModelConfig, config: PretrainedConfig, vocab_size: int, device) -> torch.nn.Module:
+    if m.attn_implementation == varlen.NAME:
+        varlen.register()
     kwargs = {"dtype": torch_dtype(m.dtype), "attn_implementation": m.attn_implementation}
     if m.load_in_4bit:  # pretrained only (validate_config)
         from transformers import BitsAndBytesConfig
