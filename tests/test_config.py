@@ -45,6 +45,7 @@ def test_therapeutic_h100_has_every_value_of_the_design():
     assert s.data.batch_tokens == 4 * 2048  # the design's micro-batch of 4 x 2048, restated in tokens
     # measured (scripts/benchmark.py): 4 checkpointed layers of 40, LoRA dropout 0 (no dropped-out input copies)
     assert s.model.liger_kernel and s.model.gradient_checkpointing_layers == 4 and s.lora.dropout == 0
+    assert s.model.attn_implementation == "varlen" and s.data.packing  # packed rows as FlashAttention spans
     qlora = validate_config(compose(["+recipe=therapeutic_qlora"]))
     assert qlora.model.load_in_4bit and qlora.model.gradient_checkpointing_layers is None
     assert not qlora.model.upcast_non_quantized and qlora.optim.name == "adamw_8bit"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -108,7 +109,8 @@ def test_packed_rows_on_the_gpu_attend_within_each_conversation(tokenizer, attn)
     # FlashAttention (varlen) takes 16-bit inputs: autocast as in bf16-mixed training
     amp = torch.autocast("cuda", torch.bfloat16) if attn == "varlen" else contextlib.nullcontext()
     tol = 3e-2 if attn == "varlen" else 2e-3
-    with torch.no_grad(), amp:
+    with torch.no_grad(), amp, warnings.catch_warnings():
+        warnings.filterwarnings("error", message="attn_implementation=varlen on float32")  # the kernel, not SDPA
         spans = {k: v.cuda() if torch.is_tensor(v) else v for k, v in span_kwargs(model, packed).items()}
         assert bool(spans) == (attn == "varlen")
         together = model(input_ids=packed["input_ids"].cuda(), position_ids=packed["position_ids"].cuda(),

@@ -65,6 +65,15 @@ def check_liger(model_type: str, accelerator: str, cuda_available: bool) -> None
                           f"(supported: {', '.join(sorted(liger_model_types()))}); set it to false")
 
 
+def check_varlen() -> None:
+    """model.attn_implementation=varlen runs torch's varlen FlashAttention (torch >= 2.10)."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"model.attn_implementation=varlen needs torch.nn.attention.varlen (torch >= 2.10; this "
+                          f"is {torch.__version__}): use model.attn_implementation=sdpa") from None
+
+
 def check_before_weights(cfg: DictConfig, sections: Sections, training: bool = True) -> PretrainedConfig:
     """The model's architecture config, after every check that needs it; raises ConfigError or WeightsUnavailable
     naming the key to change. `training=False` (evaluate, generate, export) skips the training-only device checks."""
@@ -85,6 +94,8 @@ def check_before_weights(cfg: DictConfig, sections: Sections, training: bool = T
     if sections.moe.enabled and sections.moe.expert == "lora":
         check_moe_lora_targets(layer or one_layer_model(model_config, sections.model.trust_remote_code),
                                list(sections.moe.lora_targets))
+    if sections.model.attn_implementation == "varlen":
+        check_varlen()
     if not training:
         return model_config
     trainer = cfg.get("trainer") or {}

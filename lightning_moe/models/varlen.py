@@ -90,6 +90,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     b, h, s, d = query.shape
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):  # as autocast runs SDPA: in its 16-bit dtype
+        query, key, value = (x.to(torch.get_autocast_dtype("cuda")) for x in (query, key, value))
     q, k, v = (x.transpose(1, 2).reshape(b * s, x.shape[1], d) for x in (query, key, value))
     if not q.is_cuda and int(starts[-1]) != b * s:  # (on a GPU this check would cost a sync per layer)
         raise ValueError(f"cu_seq_lens_q ends at {int(starts[-1])}, the batch holds {b * s} tokens")
