@@ -1,6 +1,6 @@
 """Speed and memory of this project's training path against a plain transformers + PEFT loop, on one GPU.
 
-    python scripts/benchmark.py --out /tmp/b     # (a), (b), (c), the memory floor, the recipes: ~8 min, one H200
+    python scripts/benchmark.py --out /tmp/b     # both baselines, recipes on synthetic + real rows: ~15 min, one H200
     python scripts/benchmark.py --out /tmp/b --only all        # every variant: ~1 min each, longest/qlora more
     python scripts/benchmark.py --out /tmp/b --only plain,moe,nomoe
     python scripts/benchmark.py --out /tmp/b --recipe none --arch tiny-mistral --seq 128 --only plain,moe   # CPU
@@ -8,13 +8,14 @@
 Variants, each in its own process (so each peak memory is its own), no download (random weights built from
 lightning_moe/architectures/, the bundled tokenizer):
   plain_liger  (a') the strongest hand-written loop: transformers + PEFT + Liger, micro-batch 2, no checkpointing
-  multiseg     (b) synthetic ~600-token conversations packed several a row (rows of seq, micro-batches of 4 x seq
-               tokens); multiseg_flex: one row of 4 x seq with flex_attention's document mask
-  real_h100    (b) +recipe=therapeutic_h100 as committed on converted counsel-chat + ESConv; real_h100_flex: with
-               flex_attention and one packed row a micro-batch; real_h100_nomoe: moe=none; real_h100_fast,
-               real_h200: those recipes on the same data
-  qlora_24gb_a/_b  therapeutic_qlora on the real data with 20 checkpointed layers and micro-batches of 2 x seq
-               tokens / every layer and 4 x seq: candidates for a 24 GB GPU
+  multiseg     (b) synthetic conversations of ~140-1000 tokens packed several a row (rows of seq, micro-batches of
+               4 x seq tokens), the recipe's varlen attention; multiseg_sdpa: SDPA's block-diagonal mask instead;
+               multiseg_varlen: varlen named; multiseg_flex: one row of 4 x seq with flex_attention's document mask
+  real_h100    (b) +recipe=therapeutic_h100 as committed on converted counsel-chat + ESConv; real_h100_sdpa /
+               _varlen / _flex: with that attention (_flex: one packed row a micro-batch); real_h100_nomoe:
+               moe=none; real_h100_fast, real_h200 (and real_h200_sdpa, _varlen): those recipes on the same data
+  qlora_24gb_a/_b/_c  therapeutic_qlora on the real data: 20 checkpointed layers and micro-batches of 2 x seq
+               tokens (therapeutic_qlora_24gb) / every layer and 4 x seq / none and 1 x seq: for a 24 GB GPU
   plain        (a) a plain loop written here: transformers + PEFT, LoRA r16/alpha32/dropout 0 on all 7 projections,
                    SDPA, bf16 weights, activation checkpointing, fused AdamW, batch 4 x seq random tokens
   moe          (b) train.py +recipe=RECIPE model.init=random on synthetic conversations of >= seq tokens
@@ -55,14 +56,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 VARIANTS = ["plain", "plain_liger", "moe", "nomoe", "multiseg", "multiseg_sdpa", "multiseg_varlen", "multiseg_flex",
             "real_h100", "real_h100_sdpa", "real_h100_varlen", "real_h100_flex", "real_h100_nomoe", "real_h100_fast",
-            "real_h200", "real_h200_sdpa", "real_h200_varlen", "qlora_24gb_a", "qlora_24gb_b", "qlora_24gb_c", "moe_ckpt_b4", "moe_ckpt_b4_offload", "moe_ckpt_b4_floor", "h100",
+            "real_h200", "real_h200_sdpa", "real_h200_varlen", "qlora_24gb_a", "qlora_24gb_b", "qlora_24gb_c",
+            "moe_ckpt_b4", "moe_ckpt_b4_offload", "moe_ckpt_b4_floor", "h100",
             "h100_drop05", "h100_nockpt", "h200", "h200_nomoe", "longest", "qlora", "qlora_upcast",
             "real_padded", "real_packed", "real_packed_h100", "real_packed_h200"]
-# the side-by-side of item 2's targets in < 10 min: (a), (b), (c), the memory floor, the recipes
 # the side-by-side of the speed work's targets: both baselines, synthetic full rows, several conversations a row, and
 # every recipe on real conversations (counsel-chat + ESConv)
-DEFAULT = ["plain", "plain_liger", "moe", "h100", "multiseg", "multiseg_flex", "real_h100", "real_h100_flex",
-           "real_h100_nomoe", "real_h200"]
+DEFAULT = ["plain", "plain_liger", "moe", "h100", "h200", "multiseg", "multiseg_sdpa", "real_h100", "real_h100_sdpa",
+           "real_h100_fast", "real_h100_nomoe", "real_h200"]
 REAL_DATA = ["data/generated/counsel_chat.jsonl", "data/generated/esconv.jsonl"]
 
 

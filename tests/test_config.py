@@ -49,6 +49,9 @@ def test_therapeutic_h100_has_every_value_of_the_design():
     qlora = validate_config(compose(["+recipe=therapeutic_qlora"]))
     assert qlora.model.load_in_4bit and qlora.model.gradient_checkpointing_layers is None
     assert not qlora.model.upcast_non_quantized and qlora.optim.name == "adamw_8bit"
+    small = compose(["+recipe=therapeutic_qlora_24gb"])  # the measured 24 GB setting, the same tokens a step
+    assert small.model.load_in_4bit and small.model.gradient_checkpointing_layers == 20
+    assert small.data.batch_tokens * small.trainer.accumulate_grad_batches == 8 * 8192
     # the measured faster variants drop checkpointing and keep the effective batch of 32
     fast, h200 = compose(["+recipe=therapeutic_h100_fast"]), compose(["+recipe=therapeutic_h200"])
     assert (fast.data.batch_size, fast.trainer.accumulate_grad_batches) == (4, 8)
