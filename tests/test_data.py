@@ -216,6 +216,20 @@ def test_packed_batch_equals_each_example_alone(tokenizer, row_length, attn):
         assert packed["token_domain"][packed["segment_ids"] == i].tolist() == [i] * len(f["input_ids"])
 
 
+def test_varlen_model_without_spans_runs_sdpa_padded_batches_and_kv_cache_generation():
+    """What has no spans (a padded batch, generation with a KV cache) runs transformers' SDPA path under varlen:
+    the same logits and the same greedy tokens as the SDPA model with the same weights."""
+    sdpa, var = (tiny_model("tiny-mistral", seed=5, attn=a) for a in ("sdpa", "varlen"))
+    ids = torch.tensor([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # left padding, as generation pads
+    with torch.no_grad():
+        torch.testing.assert_close(var(input_ids=ids, attention_mask=mask).logits,
+                                   sdpa(input_ids=ids, attention_mask=mask).logits)
+        runs = [m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True,
+                           pad_token_id=0) for m in (sdpa, var)]
+    assert torch.equal(runs[0], runs[1]) and runs[0].shape[1] == 11
+
+
 def test_packing_fills_rows_of_max_length_first_fit_longest_first():
     """Conversations go into rows of at most row_length tokens; a row that holds one full-length conversation and
     no padding has position_ids 0..n-1, which transformers runs with the causal kernel and no mask."""
