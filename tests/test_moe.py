@@ -200,3 +200,13 @@ def test_spread_layers_centres_moe_layers_in_equal_bands():
     assert spread_layers(4, 2) == [1, 3]
     assert spread_layers(4, 4) == [0, 1, 2, 3]
     assert tiny_hf_config().num_hidden_layers == 4
+
+
+def test_routing_metrics_are_computed_once_per_logged_optimizer_step():
+    """global_step stays the same over the micro-batches of an accumulation window: the metrics (and their host
+    syncs) are due once per logged step, not once per micro-batch of it."""
+    from lightning_moe.training.callbacks.expert_usage import ExpertUsageMonitor
+
+    monitor = ExpertUsageMonitor("unused", log_every_n_steps=5)
+    micro_batches = [step for step in range(12) for _ in range(4)]  # accumulation 4
+    assert [s for s in micro_batches if monitor.due(s)] == [0, 5, 10]

@@ -32,6 +32,7 @@ class ExpertUsageMonitor(Callback):
         self.train_report: dict = {}
         self.val_report: dict | None = None
         self._tally: RoutingTally | None = None
+        self._logged_step: int | None = None
 
     @staticmethod
     def _layer_metrics(pl_module, records, reduce=lambda t: t) -> dict[str, dict[str, torch.Tensor]]:
@@ -56,9 +57,17 @@ class ExpertUsageMonitor(Callback):
                     flat |= {f"{prefix}/{layer}/{name}_e{e}": x for e, x in enumerate(v)}
         return flat
 
+    def due(self, global_step: int) -> bool:
+        """Once per logged optimizer step: global_step stays the same over an accumulation window's micro-batches,
+        and each of them would otherwise compute (and sync) the metrics again."""
+        if global_step % self.log_every_n_steps or global_step == self._logged_step:
+            return False
+        self._logged_step = global_step
+        return True
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         records = pl_module.routing_records
-        if not records or trainer.global_step % self.log_every_n_steps:
+        if not records or not self.due(trainer.global_step):
             return
         reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731  every rank logs at this step
         with torch.no_grad():
