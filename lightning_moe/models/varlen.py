@@ -54,6 +54,8 @@ def _on_cuda(q, k, v, starts, longest, scaling):
         elif _native_gqa[0]:  # FlashAttention's kernel takes grouped heads; older wrappers may check
             try:
                 return varlen_attn(q, k, v, starts, starts, longest, longest, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError:
                 _native_gqa[0] = False
         if not _native_gqa[0]:
@@ -67,7 +69,7 @@ def _warn_float32() -> None:
                   "trainer.precision=bf16-mixed or model.dtype=bfloat16); running each span through SDPA instead")
 
 
-def _on_cpu(q, k, v, starts, scaling):
+def _span_by_span(q, k, v, starts, scaling):
     bounds = starts.tolist()
     out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
                                           is_causal=True, scale=scaling, enable_gqa=True).transpose(0, 1)
@@ -101,7 +103,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     else:  # FlashAttention takes 16-bit inputs only; float32 (no autocast) runs the spans one by one
         if q.is_cuda:
             _warn_float32()
-        out = _on_cpu(q, k, v, starts, scaling)
+        out = _span_by_span(q, k, v, starts, scaling)
     return out.view(b, s, h, d), None
 
 
