@@ -257,6 +257,16 @@ def test_optuna_sweep_records_a_failing_trial_and_goes_on(tmp_path):
         assert [r["stop_reason"] for r in csv.DictReader(f)] == ["error", "error"]
 
 
+def test_optuna_sweep_stopped_by_its_failure_rate_still_writes_the_sweep_table(tmp_path):
+    sweep = tmp_path / "optuna"
+    out = run_train("-m", "+sweep=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.max_failure_rate=0",
+                    "moe.top_k=9", f"hydra.sweep.dir={sweep}", *FAST, timeout=600)
+    assert out.returncode != 0 and "stopped the sweep" in out.stdout, out.stdout[-3000:]
+    with open(sweep / "sweep_summary.csv") as f:  # the record of the trial that ran, though the sweep stopped
+        rows = list(csv.DictReader(f))
+    assert [r["stop_reason"] for r in rows] == ["error"] and "moe.top_k" in rows[0]["error"]
+
+
 def test_secrets_never_reach_configs_logs_or_summary(tmp_path):
     secrets = {"WANDB_API_KEY": "wk-SECRET-1234567890", "HF_TOKEN": "hf_SECRET_0987654321"}
     run_dir = tmp_path / "run"

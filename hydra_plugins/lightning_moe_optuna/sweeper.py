@@ -70,6 +70,9 @@ class OptunaSweeper(Sweeper):
                     log.info("Trial %d: %s -> %.6g", trial.number, trial.params, value)
             done += len(trials)
             if failed / done > self.max_failure_rate:
+                # Hydra runs the multirun-end callbacks only after a sweep that returns: the sweep table
+                # (lightning_moe/reporting/sweep.py) of the trials so far is written here before stopping
+                self.hydra_context.callbacks.on_multirun_end(config=self.config)
                 raise RuntimeError(f"{failed} of {done} trials failed, more than hydra.sweeper.max_failure_rate="
                                    f"{self.max_failure_rate}: stopped the sweep")
 
