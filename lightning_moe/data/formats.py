@@ -50,7 +50,7 @@ class DataError(ConfigError):
     """A data file or row that cannot be used; the message says which and why."""
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
     """One unusable record: `reason` is a REASONS key, the message is the problem in words."""
 
     def __init__(self, reason: str, problem: str):
@@ -74,59 +74,59 @@ class FileReport:
 
 def _normalise(record, domains: list[str]) -> dict:
     if not isinstance(record, dict):
-        raise _BadRow("not_an_object", f"not a JSON object (got {type(record).__name__})")
+        raise BadRow("not_an_object", f"not a JSON object (got {type(record).__name__})")
     if record.get("messages") is not None:
         key, role_key, content_key, role_map = "messages", "role", "content", {r: r for r in ROLES}
     elif record.get("conversations") is not None:
         key, role_key, content_key, role_map = "conversations", "from", "value", SHAREGPT_ROLES
     else:
-        raise _BadRow("no_messages", "no 'messages' (or ShareGPT 'conversations') list")
+        raise BadRow("no_messages", "no 'messages' (or ShareGPT 'conversations') list")
     turns = record[key]
     if not isinstance(turns, list):
-        raise _BadRow("no_messages", f"'{key}' is not a list (got {type(turns).__name__})")
+        raise BadRow("no_messages", f"'{key}' is not a list (got {type(turns).__name__})")
     if not turns:
-        raise _BadRow("empty_conversation", "the conversation is empty")
+        raise BadRow("empty_conversation", "the conversation is empty")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise _BadRow("bad_turn", f"turn {i} is not an object (got {type(turn).__name__})")
+            raise BadRow("bad_turn", f"turn {i} is not an object (got {type(turn).__name__})")
         role, content = turn.get(role_key), turn.get(content_key)
         if role not in role_map:
-            raise _BadRow("unknown_role", f"turn {i} has unknown role {role!r} (allowed: {', '.join(role_map)})")
+            raise BadRow("unknown_role", f"turn {i} has unknown role {role!r} (allowed: {', '.join(role_map)})")
         if not isinstance(content, str):
             got = type(content).__name__
-            raise _BadRow("bad_content_type", f"turn {i} ({role}) content is not a string (got {got})")
+            raise BadRow("bad_content_type", f"turn {i} ({role}) content is not a string (got {got})")
         if not content.strip():
-            raise _BadRow("empty_content", f"turn {i} ({role}) has empty content")
+            raise BadRow("empty_content", f"turn {i} ({role}) has empty content")
         if role_map[role] == "system" and i != 0:
-            raise _BadRow("system_not_first", f"turn {i} is a system turn; only the first turn may be")
+            raise BadRow("system_not_first", f"turn {i} is a system turn; only the first turn may be")
         messages.append({"role": role_map[role], "content": content})
     if not any(m["role"] == "assistant" for m in messages):
-        raise _BadRow("no_assistant_turn", "no assistant turn, so there is nothing to train on")
+        raise BadRow("no_assistant_turn", "no assistant turn, so there is nothing to train on")
     domain = record.get("domain")
     if domain is None or domain == "":
         domain_id = -1
     elif isinstance(domain, str) and domain in domains:
         domain_id = domains.index(domain)
     else:
-        raise _BadRow("unknown_domain", f"unknown domain {domain!r} (known: {', '.join(domains) or 'none configured'})")
+        raise BadRow("unknown_domain", f"unknown domain {domain!r} (known: {', '.join(domains) or 'none configured'})")
     return {"messages": messages, "domain_id": domain_id}
 
 
-def _jsonl_records(data: bytes):
-    """(line number, value or _BadRow) per non-blank line: a bad line is reported, never ends the file."""
+def jsonl_records(data: bytes):
+    """(line number, value or BadRow) per non-blank line: a bad line is reported, never ends the file."""
     for n, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():  # blank lines (e.g. the final newline) are layout, not records
             continue
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            yield n, _BadRow("not_utf8", f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})")
+            yield n, BadRow("not_utf8", f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})")
             continue
         try:
             yield n, json.loads(text)
         except json.JSONDecodeError as e:
-            yield n, _BadRow("malformed_json", f"malformed JSON: {e.msg} at column {e.colno}")
+            yield n, BadRow("malformed_json", f"malformed JSON: {e.msg} at column {e.colno}")
 
 
 def _array_records(data: bytes, path: str):
@@ -159,15 +159,15 @@ def read_file(path: str | Path, domains: list[str], on_error: str = "raise") -> 
     data = file.read_bytes().removeprefix(BOM)
     # A .json file may hold either layout; the first character tells which (JSON Lines never starts with '[').
     is_array = file.suffix != ".jsonl" and re.match(rb"\s*\[", data) is not None
-    records = _array_records(data, str(path)) if is_array else _jsonl_records(data)
+    records = _array_records(data, str(path)) if is_array else jsonl_records(data)
     report, rows = FileReport(str(path)), []
     for n, value in records:
         report.rows += 1
         try:
-            if isinstance(value, _BadRow):
+            if isinstance(value, BadRow):
                 raise value
             rows.append(_normalise(value, domains))
-        except _BadRow as bad:
+        except BadRow as bad:
             if on_error == "raise":
                 raise DataError(f"{path}: row {n}: {bad}") from None
             report.skipped[bad.reason] += 1

@@ -3,13 +3,13 @@ user turn, checked row by row before any weights load; and the rendered, tokenis
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from lightning_moe.config.schema import ConfigError
 from lightning_moe.data.chat import assistant_spans, tokens_and_trained_mask
 from lightning_moe.data.collate import IGNORE_INDEX, routing_units
+from lightning_moe.data.formats import BadRow, jsonl_records
 
 ROLES = ("system", "user", "assistant")
 
@@ -37,13 +37,9 @@ def read_prompts(path: str | Path) -> list[dict]:
     if not file.is_file():
         raise PromptError(f"prompts: {path}: file not found")
     rows = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptError(f"{path}: row {n}: malformed JSON: {e.msg} at column {e.colno}") from None
+    for n, row in jsonl_records(file.read_bytes()):  # the training data's line reader: blank lines, UTF-8, JSON
+        if isinstance(row, BadRow):
+            raise PromptError(f"{path}: row {n}: {row}")
         if not isinstance(row, dict):
             raise PromptError(f"{path}: row {n}: not a JSON object")
         row["messages"] = check_messages(row.get("messages"), f"{path}: row {n}")
