@@ -191,7 +191,8 @@ def train_args(name: str, a, out: Path) -> list[str] | None:
                   "model.gradient_checkpointing=true", "data.batch_size=1"]
         extra = ["model.upcast_non_quantized=true"] if name == "qlora_upcast" else []
     elif name.startswith("multiseg"):  # synthetic conversations of ~140-1000 tokens (~560), packed several a row
-        data = synthetic_conversations(out / "synthetic_short.jsonl", 4000, max(8, seq // 6), shortest=max(4, seq // 40))
+        data = synthetic_conversations(out / "synthetic_short.jsonl", 4000, max(8, seq // 6),
+                                       shortest=max(4, seq // 40))
         extra = ["data.packing=true", f"data.batch_tokens={4 * seq}", *attention(name, seq)]
     elif name.startswith("qlora_24gb"):
         model_dir = a.scratch / f"random-{a.arch}"

@@ -73,7 +73,8 @@ class DataConfig:
     # sampler.py); batch_size is then unused. null: batch_size conversations a micro-batch
     batch_tokens: Optional[int] = None
     # packing: the most tokens in one packed row (null: max_length). With a document-masking attention
-    # (model.attn_implementation=varlen or flex_attention) a micro-batch can be one row of batch_tokens: the fullest packing
+    # (model.attn_implementation=varlen or flex_attention) a micro-batch can be one row of batch_tokens: the
+    # fullest packing
     row_length: Optional[int] = None
     num_workers: int = 0
     pin_memory: bool = False

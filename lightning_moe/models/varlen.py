@@ -17,6 +17,9 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "varlen"
 SPAN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # lightning_moe.data.collate
@@ -81,8 +84,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                              scaling: float | None = None, sliding_window: int | None = None, **kwargs):
     """transformers' attention-function signature: query (B, H, S, D), key/value (B, KV, S, D); returns the
     output as (B, S, H, D) and no weights."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     starts = kwargs.pop("cu_seq_lens_q", None)
     longest = kwargs.pop("max_length_q", None)
     for unused in ("cu_seq_lens_k", "max_length_k"):
@@ -109,8 +110,5 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 
 def register() -> None:
     """Make "varlen" a name transformers accepts for attn_implementation (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(NAME, varlen_attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
