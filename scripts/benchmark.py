@@ -14,6 +14,10 @@ lightning_moe/architectures/, the bundled tokenizer):
   real_h100    (b) +recipe=therapeutic_h100 as committed on converted counsel-chat + ESConv; real_h100_sdpa /
                _varlen / _flex: with that attention (_flex: one packed row a micro-batch); real_h100_nomoe:
                moe=none; real_h100_fast, real_h200 (and real_h200_sdpa, _varlen): those recipes on the same data
+  VARIANT_compile[_layers|_moe]  that variant with model.compile=all (or layers / moe; lightning_moe/models/
+               compilation.py), 8 untimed micro-batches first (compilation); the JSON counts compiled frames and
+               graph breaks: real_h100_compile, _compile_layers, _compile_moe, real_h100_nomoe_compile, moe_compile,
+               h200_compile, real_h200_compile
   qlora_24gb_a/_b/_c  therapeutic_qlora on the real data: 20 checkpointed layers and micro-batches of 2 x seq
                tokens (therapeutic_qlora_24gb) / every layer and 4 x seq / none and 1 x seq: for a 24 GB GPU
   plain        (a) a plain loop written here: transformers + PEFT, LoRA r16/alpha32/dropout 0 on all 7 projections,
@@ -59,7 +63,9 @@ VARIANTS = ["plain", "plain_liger", "moe", "nomoe", "multiseg", "multiseg_sdpa",
             "real_h200", "real_h200_sdpa", "real_h200_varlen", "qlora_24gb_a", "qlora_24gb_b", "qlora_24gb_c",
             "moe_ckpt_b4", "moe_ckpt_b4_offload", "moe_ckpt_b4_floor", "h100",
             "h100_drop05", "h100_nockpt", "h200", "h200_nomoe", "longest", "qlora", "qlora_upcast",
-            "real_padded", "real_packed", "real_packed_h100", "real_packed_h200"]
+            "real_padded", "real_packed", "real_packed_h100", "real_packed_h200",
+            "real_h100_compile", "real_h100_compile_layers", "real_h100_compile_moe", "real_h100_nomoe_compile",
+            "moe_compile", "h200_compile", "real_h200_compile"]
 # the side-by-side of the speed work's targets: both baselines, synthetic full rows, several conversations a row, and
 # every recipe on real conversations (counsel-chat + ESConv)
 DEFAULT = ["plain", "plain_liger", "moe", "h100", "h200", "multiseg", "multiseg_sdpa", "real_h100", "real_h100_sdpa",
@@ -161,6 +167,15 @@ def synthetic_conversations(path: Path, rows: int, tokens: int, seed: int = 0, s
 
 
 def train_args(name: str, a, out: Path) -> list[str] | None:
+    if "_compile" in name:  # VARIANT_compile[_SCOPE]: that variant with model.compile=SCOPE (all when none given)
+        base, scope = name.split("_compile")
+        cmd = train_args(base, a, out)
+        if cmd is None:
+            return None
+        warmup = f"warmup: {a.warmup}"  # the first micro-batches compile (each shape variant): not timed
+        cmd = [arg.replace(f"{out / base}", f"{out / name}").replace(warmup, f"warmup: {max(a.warmup, 8)}")
+               for arg in cmd]
+        return cmd + [f"model.compile={scope.lstrip('_') or 'all'}"]
     recipe = [] if a.recipe == "none" else [f"+recipe={a.recipe}", "model.init=random"]
     seq, warmup, micro = a.seq, a.warmup, a.micro_batches
     extra: list[str] = []

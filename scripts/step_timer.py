@@ -99,6 +99,7 @@ class StepTimer(Callback):
                 "padded_tokens": int(batch["input_ids"].numel()),
                 "trainable_params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
                 "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                "compiled": _compile_counts(),
             }
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.out.write_text(json.dumps(result, indent=2))
@@ -117,6 +118,14 @@ class StepTimer(Callback):
         lines += [f"{size / gib:8.3f} GiB {count:6d}x  {where}" for where, (size, count) in groups[:30]]
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.with_suffix(".memory.txt").write_text("\n".join(lines) + "\n")
+
+
+def _compile_counts() -> dict:
+    """model.compile: frames dynamo compiled (each variant of each compiled module) and its graph breaks, by reason:
+    a frame count that grows with the timed micro-batches is a recompile in the timed window."""
+    from torch._dynamo.utils import counters
+
+    return {"frames": counters["frames"]["ok"], "graph_breaks": dict(counters["graph_break"])}
 
 
 def peak_allocations(traces: list[dict], frames: int = 4) -> tuple[int, list[tuple[str, tuple[int, int]]]]:

@@ -126,3 +126,32 @@ def test_packed_rows_on_the_gpu_attend_within_each_conversation(tokenizer, attn)
             mixed = model(input_ids=packed["input_ids"].cuda(), position_ids=packed["position_ids"].cuda(),
                           use_cache=False, **whole).logits[0]
             assert (mixed[start - n:start] - alone).abs().max() > 10 * (together[start - n:start] - alone).abs().max()
+
+
+def test_compiled_layers_with_liger_and_varlen_match_eager_and_stop_recompiling(tokenizer):
+    """model.compile=all with inductor over the recipe's kernels (Liger, varlen spans) and the MoE blocks: the same
+    losses as eager (bf16 autocast: inductor's fusions round differently), no graph break, and no new compile once
+    each shape variant has been seen."""
+    from test_compile import _batches, _module
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    kernels = ["model.liger_kernel=true", "model.attn_implementation=varlen"]
+    eager = _module(tokenizer, *kernels).cuda()
+    compiled = _module(tokenizer, *kernels, "model.compile=all").cuda()
+    frames = []
+    for batch in _batches(tokenizer, [3, 7, 2, 11, 5, 9]):
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+        assert "cu_seq_lens_q" in batch  # the varlen kernel runs, not the SDPA fallback
+        losses = []
+        for module in (eager, compiled):
+            module.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = module.forward_batch(batch)
+            loss.backward()
+            losses.append(loss.detach().float())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-2)
+        frames.append(counters["frames"]["ok"])
+    assert frames[0] > 0 and frames[-1] == frames[3], frames
+    assert counters["graph_break"] == {}, dict(counters["graph_break"])

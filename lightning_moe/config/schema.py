@@ -48,6 +48,11 @@ class ModelConfig:
     offload_activations: bool = False
     load_in_4bit: bool = False  # QLoRA: bitsandbytes 4-bit base weights (CUDA only)
     liger_kernel: bool = False  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA
+    # torch.compile for training, per decoder layer (lightning_moe/models/compilation.py): none | layers (those
+    # without an MoE block) | moe (the MoE blocks alone) | all (every layer, MoE included); measured: guide section 8
+    compile: str = "none"
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation, for debugging)
+    compile_mode: Optional[str] = None  # torch.compile's mode: null (default) | max-autotune-no-cudagraphs | ...
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_compute_dtype: str = "bfloat16"
     bnb_4bit_use_double_quant: bool = True

@@ -48,6 +48,9 @@ def check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+COMPILE_SCOPES = ("none", "layers", "moe", "all")  # model.compile: lightning_moe/models/compilation.py
+
+
 def one_of(value, allowed, key: str) -> None:
     check(value in allowed, key, f"'{value}' is not one of {', '.join(allowed)}")
 
@@ -96,6 +99,7 @@ def _model(sec: Sections) -> None:
     for key in ("dtype", "bnb_4bit_compute_dtype"):
         one_of(getattr(m, key), DTYPES, f"model.{key}")
     one_of(m.bnb_4bit_quant_type, ("nf4", "fp4"), "model.bnb_4bit_quant_type")
+    one_of(m.compile, COMPILE_SCOPES, "model.compile")
     if m.gradient_checkpointing_layers is not None:
         check(m.gradient_checkpointing, "model.gradient_checkpointing_layers",
               "set, but model.gradient_checkpointing is false")

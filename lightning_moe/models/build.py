@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from lightning_moe.config.schema import LoRAConfig, ModelConfig, MoEConfig
 from lightning_moe.config.validate import resolve_moe_layers
 from lightning_moe.models.activation_checkpointing import checkpoint_only, checkpointed_layers
+from lightning_moe.models.compilation import compile_model
 from lightning_moe.models.kernels import apply_liger
 from lightning_moe.models import varlen
 from lightning_moe.models.lora import apply_lora
@@ -92,6 +93,8 @@ def build_model(
         if moe.enabled:
             layers = resolve_moe_layers(moe, config.num_hidden_layers)
             blocks = inject_moe(model, layers, context, moe, config.hidden_size, config.num_hidden_layers)
+        if training:  # generation's growing KV cache would recompile at every length: training only
+            compile_model(model, m.compile, m.compile_backend, m.compile_mode)
     model.train(training)
     return model, blocks
 

@@ -80,7 +80,7 @@ class RoutingContext:
     adapters disabled too, the base model: what evaluation compares against).
     """
 
-    records: list[RouterRecord] = field(default_factory=list)
+    blocks: list = field(default_factory=list)  # the MoE blocks sharing this context (each adds itself)
     recording: bool = False
     token_mask: torch.Tensor | None = None  # (T,) bool
     token_domain: torch.Tensor | None = None  # (T,) long
@@ -112,15 +112,19 @@ class RoutingContext:
 
     def start(self, token_mask=None, token_domain=None, segments=None, num_segments=None, unit_ids=None,
               unit_spans=None, unit_domain=None, unit_example=None, packed=False) -> None:
-        self.records.clear()
+        for block in self.blocks:
+            block.pending.clear()
         self.recording = True
         self.token_mask, self.token_domain, self.segments = token_mask, token_domain, segments
         self.num_segments, self.packed = num_segments, packed
         self.unit_ids, self.unit_spans, self.unit_domain, self.unit_example = unit_ids, unit_spans, unit_domain, unit_example
 
     def stop(self) -> list[RouterRecord]:
+        """This forward's router records, in depth order. Each block keeps its own until here (not one shared
+        list): under model.compile a shared list's length would be guarded, one recompile per layer."""
         self.recording = False
-        return list(self.records)
+        return [RouterRecord(block.layer_idx, out, *rows, num_segments, block.router, *token_view)
+                for block in self.blocks for out, rows, num_segments, token_view in block.pending]
 
     def metadata(self, batch: int, seq: int, device) -> dict:
         """This forward's routing metadata; defaulted where the caller set none (then every token is real, and
@@ -167,6 +171,8 @@ class MoEBlock(nn.Module):
         self.mlp = None if form in ("upcycled", "lora") else mlp
         self.router, self.experts, self.shared = router, experts, shared
         self._context = [context]  # a list so nn.Module does not register or copy it as state
+        context.blocks.append(self)
+        self.pending: list[tuple] = []  # this forward's routing, until context.stop() makes it records
 
     @property
     def context(self) -> RoutingContext:
@@ -225,8 +231,7 @@ class MoEBlock(nn.Module):
         if self.shared is not None:
             y = y + self.shared(flat)
         if ctx.recording and out is not None:
-            ctx.records.append(RouterRecord(self.layer_idx, out, *rows, meta["num_segments"], self.router, gates,
-                                            meta["mask"], meta["domain"]))
+            self.pending.append((out, rows, meta["num_segments"], (gates, meta["mask"], meta["domain"])))
         y = y.view_as(x)
         return y if self.mlp is None else self.mlp(x, *args, **kwargs) + y
 

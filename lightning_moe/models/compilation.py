@@ -1,0 +1,57 @@
+"""`model.compile`: torch.compile per decoder layer, as torchtitan and torchtune do for training.
+
+Compiling each decoder layer in place (`layer.compile()`) instead of the whole model keeps the state-dict names
+(no `_orig_mod.`), and lets the layers of one class share one compiled graph: parameters are graph inputs, not
+constants. Scopes:
+
+    layers  every decoder layer without an MoE block, whole (the MoE layers run eagerly)
+    moe     the MoE blocks alone (router, experts and their routing glue)
+    all     every decoder layer; a checkpointed layer with an MoE block is compiled child by child (attention,
+            norms, MoE block), because torch.compile refuses the side effect of the block's routing record
+            inside activation checkpointing (it would be replayed by the backward's recomputation)
+
+Row counts and lengths vary from one micro-batch to the next (packing, micro-batches by tokens): a compiled
+module is compiled for the first shape and once more with those sizes dynamic (dynamo's automatic dynamic
+shapes), and no more however many shapes follow (tests/test_compile.py counts them). Measured cost and gain:
+MOE_TRAINING_GUIDE.md section 8.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_moe.models.activation_checkpointing import decoder_layers
+from lightning_moe.moe.layer import MoEBlock
+
+
+def _has_moe(layer: torch.nn.Module) -> bool:
+    return any(isinstance(mod, MoEBlock) for mod in layer.modules())
+
+
+def compiled_modules(model: torch.nn.Module, scope: str) -> list[torch.nn.Module]:
+    """The modules `scope` compiles, in depth order."""
+    if scope == "moe":
+        return [mod for mod in model.modules() if isinstance(mod, MoEBlock)]
+    if scope not in ("layers", "all"):
+        return []
+    modules = []
+    for layer in decoder_layers(model):
+        if not _has_moe(layer):
+            modules.append(layer)
+        elif scope == "all":
+            modules += list(layer.children()) if layer.gradient_checkpointing else [layer]
+    return modules
+
+
+def compile_model(model: torch.nn.Module, scope: str, backend: str = "inductor", mode: str | None = None) -> int:
+    """Compile (lazily: at the first forward) what `scope` names, in place; returns how many modules."""
+    modules = compiled_modules(model, scope)
+    if modules:
+        # dynamo's recompile limit counts per code object, and the layers of one class share theirs: a few variants
+        # each (checkpointed or not, the first layer's input without gradients, static then dynamic shapes) must
+        # not reach the default limit of 8, past which the remaining layers would run eagerly without a word
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 64)
+    for mod in modules:
+        mod.compile(backend=backend, mode=mode)
+    return len(modules)
