@@ -129,15 +129,16 @@ def test_packed_rows_on_the_gpu_attend_within_each_conversation(tokenizer, attn)
 
 
 def test_compiled_layers_with_liger_and_varlen_match_eager_and_stop_recompiling(tokenizer):
-    """model.compile=all with inductor over the recipe's kernels (Liger, varlen spans) and the MoE blocks: the same
-    losses as eager (bf16 autocast: inductor's fusions round differently), no graph break, and no new compile once
-    each shape variant has been seen."""
+    """model.compile=all with inductor over the recipe's kernels (varlen spans; Liger's fused cross-entropy, its
+    in-layer kernels left to inductor) and the MoE blocks: the same losses as eager with all of Liger's kernels
+    (bf16 autocast: the fusions round differently), no graph break, and no new compile once each shape variant
+    has been seen."""
     from test_compile import _batches, _module
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    kernels = ["model.liger_kernel=true", "model.attn_implementation=varlen"]
+    kernels = ["model.liger_kernel=true", "model.attn_implementation=varlen", "trainer.accelerator=gpu"]
     eager = _module(tokenizer, *kernels).cuda()
     compiled = _module(tokenizer, *kernels, "model.compile=all").cuda()
     frames = []

@@ -49,7 +49,8 @@ class ModelConfig:
     load_in_4bit: bool = False  # QLoRA: bitsandbytes 4-bit base weights (CUDA only)
     liger_kernel: bool = False  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA
     # torch.compile for training, per decoder layer (lightning_moe/models/compilation.py): none | layers (those
-    # without an MoE block) | moe (the MoE blocks alone) | all (every layer, MoE included); measured: guide section 8
+    # without an MoE block) | moe (the MoE blocks alone) | all (every layer, MoE included); measured: guide section 8.
+    # With liger_kernel, a compiled model keeps Liger's fused cross-entropy only (inductor fuses the rest)
     compile: str = "none"
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation, for debugging)
     compile_mode: Optional[str] = None  # torch.compile's mode: null (default) | max-autotune-no-cudagraphs | ...

@@ -101,7 +101,7 @@ def build_model(
 
 def _training_kernels(model: torch.nn.Module, m: ModelConfig) -> None:
     if m.liger_kernel:
-        apply_liger(model)
+        apply_liger(model, in_layers=m.compile == "none")
     gc_kwargs = {"use_reentrant": False}  # reentrant checkpointing would cut the router's side-channel graph
     if m.load_in_4bit and m.upcast_non_quantized:
         from peft import prepare_model_for_kbit_training
