@@ -278,15 +278,22 @@ def run_variant(name: str, a, out: Path) -> dict:
             return {"status": "skipped"}
     (out / f"{name}.json").unlink(missing_ok=True)
     t0 = time.monotonic()
+    returncode = None
     with open(out / f"{name}.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout,
-                              env=os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": _with_scripts()})
+        try:
+            returncode = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout,
+                                        env=os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": _with_scripts()}
+                                        ).returncode
+        except subprocess.TimeoutExpired:  # recorded, and the next variants still run
+            pass
     text = (out / f"{name}.log").read_text(errors="replace")
     result = {"command": " ".join(cmd[1:]), "wall_s": round(time.monotonic() - t0, 1)}
     if (out / f"{name}.json").exists():
         return result | {"status": "ok"} | json.loads((out / f"{name}.json").read_text())
+    if returncode is None:
+        return result | {"status": f"timeout ({a.timeout} s)"}
     oom = "OutOfMemoryError" in text or "out of memory" in text
-    result["status"] = "out_of_memory" if oom else f"failed (exit {proc.returncode})"
+    result["status"] = "out_of_memory" if oom else f"failed (exit {returncode})"
     if not oom:
         print(f"--- {name} failed; the end of {out / name}.log:\n" + "\n".join(text.splitlines()[-25:]))
     return result

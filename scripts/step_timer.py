@@ -58,6 +58,7 @@ class StepTimer(Callback):
                                                                 torch.profiler.ProfilerActivity.CUDA])
                 self._prof.__enter__()
             self._sync(trainer)
+            self._frames0 = _compile_counts()["frames"]
             self._t0 = time.perf_counter()
             self._epoch0 = trainer.current_epoch
 
@@ -99,7 +100,7 @@ class StepTimer(Callback):
                 "padded_tokens": int(batch["input_ids"].numel()),
                 "trainable_params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
                 "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-                "compiled": _compile_counts(),
+                "compiled": _compile_counts() | {"frames_in_timed_window": _compile_counts()["frames"] - self._frames0},
             }
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.out.write_text(json.dumps(result, indent=2))
