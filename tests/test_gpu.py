@@ -138,8 +138,14 @@ def test_compiled_layers_with_liger_and_varlen_match_eager_and_stop_recompiling(
 
     torch._dynamo.reset()
     counters.clear()
+    from transformers.models.mistral import modeling_mistral
+
     kernels = ["model.liger_kernel=true", "model.attn_implementation=varlen", "trainer.accelerator=gpu"]
+    patched = dict(vars(modeling_mistral))
     eager = _module(tokenizer, *kernels).cuda()
+    # Liger also swaps transformers' Mistral classes and RoPE function module-wide: undo it, so the compiled model
+    # is built (and runs) as it would in a process of its own
+    vars(modeling_mistral).update(patched)
     compiled = _module(tokenizer, *kernels, "model.compile=all").cuda()
     frames = []
     for batch in _batches(tokenizer, [3, 7, 2, 11, 5, 9]):
@@ -154,5 +160,5 @@ def test_compiled_layers_with_liger_and_varlen_match_eager_and_stop_recompiling(
             losses.append(loss.detach().float())
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-2)
         frames.append(counters["frames"]["ok"])
-    assert frames[0] > 0 and frames[-1] == frames[3], frames
+    assert frames[0] > 0 and frames[-1] == frames[0], frames
     assert counters["graph_break"] == {}, dict(counters["graph_break"])
