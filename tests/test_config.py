@@ -97,6 +97,7 @@ def test_cfg_job_prints_the_recipe(tmp_path):
         ("model.gradient_checkpointing_layers=2", "model.gradient_checkpointing_layers"),  # checkpointing is off
         ("model.gradient_checkpointing_layers=0", "model.gradient_checkpointing_layers"),
         ("optim.name=adam8", "optim.name"),
+        ("model.compile=true", "model.compile"),  # a scope: none | layers | moe | all
     ],
 )
 def test_bad_values_are_named(override, key):
