@@ -48,9 +48,9 @@ def compile_model(model: torch.nn.Module, scope: str, backend: str = "inductor",
     """Compile (lazily: at the first forward) what `scope` names, in place; returns how many modules."""
     modules = compiled_modules(model, scope)
     if modules:
-        # dynamo's recompile limit counts per code object, and the layers of one class share theirs: a few variants
-        # each (checkpointed or not, the first layer's input without gradients, static then dynamic shapes) must
-        # not reach the default limit of 8, past which the remaining layers would run eagerly without a word
+        # dynamo's recompile limit counts per code object, and the layers of one class share theirs: their variants
+        # (checkpointed or not, the first layer's input without gradients, the backward's recomputation) must not
+        # reach the default limit of 8, past which the remaining layers would run eagerly without a word
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 64)
     for mod in modules:
