@@ -3,7 +3,8 @@ validation pauses (so tokens_per_s is the training rate, data loading included).
 
 Carried in checkpoints, so a resumed run reports the whole run's figures, not only its last attempt's. No device
 synchronisation per batch (it would keep the host from preparing the next batch while the GPU works): the clock
-is read after each batch's host work and once more, synchronised, when training ends.
+is read after each batch's host work and once more, synchronised, when training ends; the training loss stays
+a device tensor until a checkpoint or the summary needs its value.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class RunStats(Callback):
         self.seconds_before = 0.0  # training time of earlier attempts of this run (restored from the checkpoint)
         self._train_start = self._last_batch_end = self._val_start = None
         self._val_seconds = 0.0
+        self._first_loss = self._last_loss = None  # device tensors, read by _settle_losses()
 
     @property
     def train_seconds(self) -> float:
@@ -46,10 +48,18 @@ class RunStats(Callback):
         self.capacity += batch.get("capacity", 0)
         self.flops += getattr(pl_module, "flops_per_batch", 0)
         loss = trainer.callback_metrics.get("train/lm_loss")
-        if loss is not None:
-            self.train_loss = float(loss)
-            if self.first_train_loss is None:
-                self.first_train_loss = self.train_loss
+        if loss is not None:  # float() here would wait for the GPU after every micro-batch
+            self._last_loss = loss.detach().clone()  # Lightning may reuse its tensor for the next batch
+            if self.first_train_loss is None and self._first_loss is None:
+                self._first_loss = self._last_loss
+
+    def _settle_losses(self) -> None:
+        if self._last_loss is not None:
+            self.train_loss = float(self._last_loss)
+            self._last_loss = None
+        if self._first_loss is not None:
+            self.first_train_loss = float(self._first_loss)
+            self._first_loss = None
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._last_batch_end is not None:
@@ -71,6 +81,7 @@ class RunStats(Callback):
             self.best_val_loss = min(self.val_loss, self.best_val_loss or float("inf"))
 
     def state_dict(self) -> dict:
+        self._settle_losses()
         return {k: getattr(self, k) for k in _CARRIED if k != "seconds_before"} | {"seconds_before": self.train_seconds}
 
     def load_state_dict(self, state: dict) -> None:
@@ -79,6 +90,7 @@ class RunStats(Callback):
                 setattr(self, k, state[k])
 
     def summary_fields(self, trainer) -> dict:
+        self._settle_losses()
         tokens = float(self.tokens) * trainer.world_size
         if not trainer.interrupted:  # after SIGTERM or a crash the other ranks are gone: no collective then
             tokens = float(trainer.strategy.reduce(torch.tensor(float(self.tokens), device=trainer.strategy.root_device),
