@@ -68,3 +68,16 @@ def test_memory_trace_replay_finds_the_peak_and_who_allocated_it():
     peak, groups = peak_allocations(trace)
     assert peak == 600
     assert groups == [("mlp.py:7 mlp", (550, 2)), ("(no Python frame: autograd engine)", (50, 1))]
+
+
+def test_a_variant_past_its_timeout_is_recorded_and_the_next_still_runs(tmp_path):
+    """A GPU call has one time limit: a variant that overruns --timeout must not crash the driver and lose the
+    variants already measured (1 s is less than train.py's own start-up)."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--out", str(tmp_path), "--recipe", "none",
+         "--arch", "tiny-mistral", "--device", "cpu", "--seq", str(SEQ), "--only", "moe,nomoe", "--timeout", "1"],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {k: r["status"] for k, r in results.items()} == {"moe": "timeout (1 s)", "nomoe": "timeout (1 s)"}
+    assert "variant" in out.stdout  # the table is still printed
