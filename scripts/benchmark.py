@@ -166,18 +166,17 @@ def synthetic_conversations(path: Path, rows: int, tokens: int, seed: int = 0, s
     return path
 
 
-def train_args(name: str, a, out: Path) -> list[str] | None:
+def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] | None:
+    """train.py's command for variant `name`; `label` (default: name) names its run directory and JSON."""
     if "_compile" in name:  # VARIANT_compile[_SCOPE]: that variant with model.compile=SCOPE (all when none given)
         base, scope = name.split("_compile")
-        cmd = train_args(base, a, out)
-        if cmd is None:
-            return None
-        warmup = f"warmup: {a.warmup}"  # the first micro-batches compile (each shape variant): not timed
-        cmd = [arg.replace(f"{out / base}", f"{out / name}").replace(warmup, f"warmup: {max(a.warmup, 8)}")
-               for arg in cmd]
-        return cmd + [f"model.compile={scope.lstrip('_') or 'all'}"]
+        cmd = train_args(base, a, out, label=name)
+        return None if cmd is None else cmd + [f"model.compile={scope.lstrip('_') or 'all'}"]
+    label = label or name
     recipe = [] if a.recipe == "none" else [f"+recipe={a.recipe}", "model.init=random"]
     seq, warmup, micro = a.seq, a.warmup, a.micro_batches
+    if "_compile" in label:  # the first micro-batches compile: not timed
+        warmup = max(warmup, 8)
     extra: list[str] = []
     data = None
     if name == "nomoe":
@@ -247,8 +246,8 @@ def train_args(name: str, a, out: Path) -> list[str] | None:
         extra = [f"data.train_files=[{data}]", "data.val_files=[]", "data.val_fraction=0.1", *extra]
     return [sys.executable, str(REPO / "train.py"), *recipe, "logger=csv", f"data.max_length={seq}",
             "data.num_workers=2", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
-            "trainer.max_steps=100000", "resume=false", f"hydra.run.dir={out / name}",
-            f"+callbacks.bench={{_target_: step_timer.StepTimer, out: {out / name}.json, "
+            "trainer.max_steps=100000", "resume=false", f"hydra.run.dir={out / label}",
+            f"+callbacks.bench={{_target_: step_timer.StepTimer, out: {out / label}.json, "
             f"warmup: {warmup}, steps: {micro}, profile: {a.profile}, memory_trace: {a.memory}}}",
             *extra, *a.override]
 

@@ -85,6 +85,7 @@ class StepTimer(Callback):
             device = trainer.strategy.root_device
             peak = dense_peak_flops(device, trainer.precision)
             cuda = device.type == "cuda"
+            compiled = _compile_counts()
             result = {
                 "tokens_per_s": self._tokens / seconds,
                 "mfu": self._flops / seconds / peak if peak else None,
@@ -100,7 +101,7 @@ class StepTimer(Callback):
                 "padded_tokens": int(batch["input_ids"].numel()),
                 "trainable_params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
                 "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-                "compiled": _compile_counts() | {"frames_in_timed_window": _compile_counts()["frames"] - self._frames0},
+                "compiled": compiled | {"frames_in_timed_window": compiled["frames"] - self._frames0},
             }
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.out.write_text(json.dumps(result, indent=2))

@@ -49,7 +49,7 @@ class RunStats(Callback):
         self.flops += getattr(pl_module, "flops_per_batch", 0)
         loss = trainer.callback_metrics.get("train/lm_loss")
         if loss is not None:  # float() here would wait for the GPU after every micro-batch
-            self._last_loss = loss.detach().clone()  # Lightning may reuse its tensor for the next batch
+            self._last_loss = loss  # Lightning's own copy (each self.log clones): not changed in place later
             if self.first_train_loss is None and self._first_loss is None:
                 self._first_loss = self._last_loss
 
