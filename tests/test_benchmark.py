@@ -19,7 +19,8 @@ def test_benchmark_runs_both_paths_and_counts_real_tokens_and_model_flops(tmp_pa
     out = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--out", str(tmp_path), "--recipe", "none",
          "--arch", "tiny-mistral", "--device", "cpu", "--seq", str(SEQ), "--only", "plain,moe,nomoe",
-         "--warmup", "1", "--micro-batches", "8", "--plain-steps", "2", "--override", "data.batch_size=8"],
+         "--warmup", "1", "--micro-batches", "8", "--plain-steps", "2", "--override", "data.batch_size=8",
+         "+callbacks.phases={_target_: phase_timer.PhaseTimer, out: '${run_dir}/phases.json', first: 2}"],
         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -34,6 +35,16 @@ def test_benchmark_runs_both_paths_and_counts_real_tokens_and_model_flops(tmp_pa
         assert r["real_tokens"] == 8 * 8 * SEQ == r["padded_tokens"] * 8
         assert r["tokens_per_s"] == r["real_tokens"] / r["seconds"]
     assert results["moe"]["trainable_params"] > results["nomoe"]["trainable_params"]
+
+    # gpu_recipe_check.sh's PhaseTimer, in the same runs: every micro-batch once, in its phase (the tiny default
+    # logs every 5 optimizer steps: the 5th micro-batch is a logged step), and no more time than the run's own
+    phases = json.loads((tmp_path / "moe" / "phases.json").read_text())
+    counts = {k: v["micro_batches"] for k, v in phases["phases"].items()}
+    assert counts == {"first": 2, "logged_steps": 1, "other": 6}, counts
+    assert sum(v["tokens"] for v in phases["phases"].values()) == 9 * 8 * SEQ
+    assert [r["logged"] for r in phases["micro_batches"]].index(True) == 4
+    inside = sum(v["device_s"] + v["wait_before_s"] for v in phases["phases"].values())
+    assert 0 < inside <= phases["wall_s"] and phases["outside_micro_batches_s"] >= 0
 
     # (a)'s model FLOPs: F = 4N + 6P + 6*L*H*d*S per token (lm_head in N, LoRA r16 on all 7 projections in P)
     h, i, L, nh, nkv, d, V, r = 128, 352, 4, 4, 2, 32, 2048, 16
