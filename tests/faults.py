@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
@@ -16,14 +18,20 @@ class SigtermAt(Callback):
     the run), or during the first batch of validation number `validation` (1-based). A marker file keeps the
     resumed run from firing again."""
 
-    def __init__(self, marker: str, train_batch: int | None = None, validation: int | None = None):
+    def __init__(self, marker: str, train_batch: int | None = None, validation: int | None = None,
+                 group: bool = False):
         self.marker, self.train_batch, self.validation = Path(marker), train_batch, validation
+        self.group = group  # to the whole process group (dataloader workers too), as schedulers send it
         self._validations = 0
 
     def _fire(self) -> None:
         if not self.marker.exists():
             self.marker.write_text("fired")
-            os.kill(os.getpid(), signal.SIGTERM)
+            if self.group:  # from another process, as a scheduler's comes: PyTorch's workers treat a SIGTERM from
+                # their parent as a request to exit quietly, one from anyone else kills them
+                subprocess.run([sys.executable, "-c", f"import os, signal; os.killpg({os.getpgid(0)}, signal.SIGTERM)"])
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.train_batch is not None and trainer.fit_loop.total_batch_idx == self.train_batch:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, clean_env, read_summary, run_guarded, run_train
+from conftest import FAST, REPO, clean_env, read_summary, run_guarded, run_train, train_cmd
 
 from lightning_moe.checkpointing.io import AtomicCheckpointIO
 from lightning_moe.checkpointing.resume import find_resume_checkpoint
@@ -73,6 +74,21 @@ def test_sigterm_anywhere_then_resume_matches_an_uninterrupted_run(uninterrupted
     assert b["callbacks"][es]["wait_count"] == a["callbacks"][es]["wait_count"]
     assert float(b["callbacks"][es]["best_score"]) == pytest.approx(float(a["callbacks"][es]["best_score"]), abs=1e-5)
     assert b["callbacks"]["Budget"]["time_elapsed"]["train"] > used_before  # budget time carried over
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_still_saves_the_step_it_stopped_at(tmp_path):
+    """A scheduler's SIGTERM often reaches every process of the job, the dataloader workers too (SLURM's scancel,
+    `timeout`). The workers ignore it, so the main process saves the step it stopped at, as when it alone is
+    signalled, instead of raising on a lost worker (exit 1) and leaving only the periodic checkpoint of step 3."""
+    run_dir = tmp_path / "run"
+    fault = f"+callbacks.fault={{_target_: faults.SigtermAt, marker: {tmp_path}/fired, train_batch: 8, group: true}}"
+    out = subprocess.run(train_cmd(*RESUME_ARGS, "data.num_workers=2", fault, f"hydra.run.dir={run_dir}"), cwd=REPO,
+                         env=FAULT_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+                         start_new_session=True)  # its own process group: the signal must not reach pytest
+    assert out.returncode == 143 and "killed by signal" not in out.stdout, out.stdout[-3000:]
+    assert read_summary(run_dir)["stop_reason"] == "sigterm"
+    assert _final(run_dir)["global_step"] == 4  # the steps done when it stopped (one per 2 micro-batches)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 from collections import Counter
 
 import datasets
@@ -103,6 +104,7 @@ class ChatDataModule(pl.LightningDataModule):
             num_workers=self.cfg.num_workers,
             pin_memory=self.cfg.pin_memory,
             persistent_workers=self.cfg.num_workers > 0,
+            worker_init_fn=ignore_sigterm,
         )
 
     def evaluation_dataloader(self, files: list[str] | None = None, batch_size: int | None = None) -> StatefulDataLoader:
@@ -132,7 +134,7 @@ class ChatDataModule(pl.LightningDataModule):
                  100 * sampler.fill_rate())
         return StatefulDataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collator,
                                   num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
-                                  persistent_workers=self.cfg.num_workers > 0)
+                                  persistent_workers=self.cfg.num_workers > 0, worker_init_fn=ignore_sigterm)
 
     def val_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -166,3 +168,12 @@ def _domain_counts(ids: list[int], domains: list[str]) -> dict:
     if c.get(-1):
         out["unlabelled"] = c[-1]
     return out
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """In each dataloader worker. PyTorch's workers exit quietly on a SIGTERM from their parent, but one from anyone
+    else kills them, and a scheduler's often reaches every process of the job (SLURM's scancel, `timeout`): the main
+    process then raises mid-step, exits 1 and never saves the step it stopped at. Ignored here, the main process
+    stops the run itself (checkpoint, summary, exit 143) and then its workers; one still exits if its parent dies
+    (PyTorch's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
