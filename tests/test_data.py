@@ -14,7 +14,7 @@ from lightning_moe.data.collate import ChatCollator
 from lightning_moe.data.formats import DataError, read_conversations
 from lightning_moe.data.chat import IGNORE_INDEX
 from lightning_moe.data.datamodule import ChatDataModule
-from lightning_moe.models.varlen import span_kwargs
+from lightning_moe.models.varlen import varlen_inputs
 
 DOMAINS = ["psychology", "mental_health", "bias_detection", "general_therapeutic"]
 CONV = [
@@ -188,7 +188,7 @@ def test_packed_batch_equals_each_example_alone(tokenizer, row_length, attn):
             lengths[0] - lengths[1] - lengths[2])
     assert packed["num_tokens"] == padded["num_tokens"] == padded["attention_mask"].sum() == (
         packed["segment_ids"] >= 0).sum()
-    spans = span_kwargs(model, packed)
+    spans = varlen_inputs(model, packed)
     assert bool(spans) == (attn == "varlen")
     if spans:  # each conversation and the padding segment one span, the rows laid end to end
         ends = [len(f["input_ids"]) for f in feats] if cap is None else [lengths[0], lengths[1], lengths[2],

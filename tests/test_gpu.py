@@ -93,7 +93,7 @@ def test_packed_rows_on_the_gpu_attend_within_each_conversation(tokenizer, attn)
     mask."""
     from lightning_moe.data.chat import ChatRenderer
     from lightning_moe.data.collate import ChatCollator
-    from lightning_moe.models.varlen import span_kwargs
+    from lightning_moe.models.varlen import varlen_inputs
 
     torch.manual_seed(0)
     cfg = resolve_model_config(ModelConfig(init="random", arch="tiny-mistral"))
@@ -111,7 +111,7 @@ def test_packed_rows_on_the_gpu_attend_within_each_conversation(tokenizer, attn)
     tol = 3e-2 if attn == "varlen" else 2e-3
     with torch.no_grad(), amp, warnings.catch_warnings():
         warnings.filterwarnings("error", message="attn_implementation=varlen on float32")  # the kernel, not SDPA
-        spans = {k: v.cuda() if torch.is_tensor(v) else v for k, v in span_kwargs(model, packed).items()}
+        spans = {k: v.cuda() if torch.is_tensor(v) else v for k, v in varlen_inputs(model, packed).items()}
         assert bool(spans) == (attn == "varlen")
         together = model(input_ids=packed["input_ids"].cuda(), position_ids=packed["position_ids"].cuda(),
                          use_cache=False, **spans).logits[0]

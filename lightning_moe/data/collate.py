@@ -18,7 +18,7 @@ segment (position_ids from 0, labels ignored, segment -1), so no attention_mask 
 not one row of the whole micro-batch: SDPA computes the masked scores of a row in full, so 4 conversations of
 2048 tokens in one row would cost 4x the attention of 4 rows; and rows that each hold one conversation and no
 padding need no mask at all (the causal kernel, as unpacked). Packed batches also carry each conversation's and
-padding segment's span over the rows laid end to end (`cu_seq_lens_q` ...: `span_kwargs`), which
+padding segment's span over the rows laid end to end (`cu_seq_lens_q` ...: `span_boundaries`), which
 model.attn_implementation=varlen runs as FlashAttention spans instead of a mask.
 """
 
@@ -145,13 +145,13 @@ class ChatCollator:
                  "example_domain": torch.tensor([f["domain_id"] for f in features])}
         if self.packing:
             batch["position_ids"] = pos  # transformers builds the block-diagonal causal mask from these
-            batch |= span_kwargs(segment_lengths)
+            batch |= span_boundaries(segment_lengths)
         else:
             batch["attention_mask"] = (seg >= 0).long()
         return batch
 
 
-def span_kwargs(spans: list[int]) -> dict:
+def span_boundaries(spans: list[int]) -> dict:
     """A packed micro-batch's spans as transformers' FlashAttention kwargs, over its rows flattened one after
     another (model.attn_implementation=varlen reads them: lightning_moe/models/varlen.py)."""
     starts = torch.tensor([0, *spans], dtype=torch.int32).cumsum(0, dtype=torch.int32)

@@ -20,7 +20,7 @@ from lightning_moe.checkpointing.load import TrainedRun
 from lightning_moe.config.schema import LoRAConfig, MoEConfig
 from lightning_moe.data.chat import IGNORE_INDEX
 from lightning_moe.models.build import build_model
-from lightning_moe.models.varlen import span_kwargs
+from lightning_moe.models.varlen import varlen_inputs
 from lightning_moe.moe.layer import RoutingContext
 from lightning_moe.moe.metrics import RoutingTally
 
@@ -29,7 +29,7 @@ def example_nll(model, routing: RoutingContext, batch: dict, record: bool = Fals
     """(summed negative log-likelihood, trained-token count) per conversation of a collated batch."""
     routing.start_batch(batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"), use_cache=False, **span_kwargs(model, batch)).logits
+                   position_ids=batch.get("position_ids"), use_cache=False, **varlen_inputs(model, batch)).logits
     if not record:
         routing.stop()
     labels, seg = batch["labels"][:, 1:], batch["segment_ids"][:, 1:]

@@ -25,7 +25,7 @@ NAME = "varlen"
 SPAN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # lightning_moe.data.collate
 
 
-def span_kwargs(model, batch: dict) -> dict:
+def varlen_inputs(model, batch: dict) -> dict:
     """What a packed batch adds to the model's forward call when the model runs varlen attention: its spans."""
     if getattr(model.config, "_attn_implementation", None) != NAME:
         return {}

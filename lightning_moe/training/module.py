@@ -27,7 +27,7 @@ from lightning_moe.checkpointing import contents
 from lightning_moe.config.schema import Sections
 from lightning_moe.models.build import build_model, describe_model
 from lightning_moe.models.flops import FlopCounts, count_flops, nominal_active_experts
-from lightning_moe.models.varlen import span_kwargs
+from lightning_moe.models.varlen import varlen_inputs
 from lightning_moe.moe.layer import RouterRecord, RoutingContext
 from lightning_moe.moe.losses import (
     domain_routing_loss,
@@ -112,7 +112,7 @@ class MoELoRAModule(pl.LightningModule):
                 position_ids=batch.get("position_ids"),
                 labels=batch["labels"],
                 use_cache=False,  # a KV cache would also switch off transformers' packed-sequence masks
-                **span_kwargs(self.model, batch),
+                **varlen_inputs(self.model, batch),
             )
         records = self.routing.stop()
         losses = {"lm_loss": out.loss}
