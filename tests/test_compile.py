@@ -91,3 +91,17 @@ def test_compiled_training_equals_eager_and_recompiles_stop_growing(tokenizer, s
     # layers of one kind share theirs: 7 frames for `all`, 2 for `moe`
     assert frames == [{"all": 7, "moe": 2}[scope]] * len(batches), f"compiled frames after each micro-batch: {frames}"
     assert counters["graph_break"] == {}, dict(counters["graph_break"])
+    _assert_kernels_routing_restored(compiled.model)
+
+
+def _assert_kernels_routing_restored(model):
+    """The side effect that compiled checkpoints do not replay (compilation.allow_restored_side_effects_under_checkpoint):
+    transformers >= 5.2x wraps each attention forward in `kernels`' use_kernelized_func, which sets a module-level
+    variable and restores it. After compiled and eager steps it must hold what it held before any: nothing."""
+    attention = next(m for m in model.modules() if type(m).__name__ == "MistralAttention")
+    forward = type(attention).forward
+    if not hasattr(forward, "__wrapped__") or "_ACTIVE_KERNEL_FUNCS" not in forward.__globals__:
+        return  # a transformers without the wrapper: no such side effect
+    active = forward.__globals__["_ACTIVE_KERNEL_FUNCS"]
+    assert active.get() is None and active.global_var is None
+    assert not active.uses_global_var

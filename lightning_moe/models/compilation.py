@@ -7,8 +7,9 @@ constants. Scopes:
     layers  every decoder layer without an MoE block, whole (the MoE layers run eagerly)
     moe     the MoE blocks alone (router, experts and their routing glue)
     all     every decoder layer; a checkpointed layer with an MoE block is compiled child by child (attention,
-            norms, MoE block), because torch.compile refuses the side effect of the block's routing record
-            inside activation checkpointing (it would be replayed by the backward's recomputation)
+            norms, MoE block), so that the checkpoint around it stays eager: the block's routing record is a side
+            effect that eager checkpointing replays in the backward's recomputation, and a compiled checkpoint
+            would not (see `allow_restored_side_effects_under_checkpoint`)
 
 Row counts, row lengths and conversation counts vary from one micro-batch to the next (packing, micro-batches by
 tokens), so shapes are dynamic from the start (`dynamic=True`): everything compiles in the first micro-batch and
@@ -44,6 +45,23 @@ def compiled_modules(model: torch.nn.Module, scope: str) -> list[torch.nn.Module
     return modules
 
 
+def allow_restored_side_effects_under_checkpoint(config) -> None:
+    """Let dynamo trace a checkpointed layer whose forward sets and then restores a module-level variable.
+
+    From transformers 5.2x (which requires the `kernels` package), each attention module's `forward` is wrapped by
+    kernels' `use_kernelized_func`: it sets `kernels`' `_ACTIVE_KERNEL_FUNCS` (a `CompileableContextVar`, a plain
+    global while compiling) before the attention runs and resets it to its previous value after, so that a
+    kernelised RoPE function could find its layer's kernel. That mutation sits inside `torch.utils.checkpoint`,
+    where dynamo refuses it by default (a graph break per checkpointed layer) because eager checkpointing would
+    replay it in the backward's recomputation. Not replaying it changes nothing: the pair leaves the variable as
+    it found it (tests/test_compile.py checks its state after a compiled step), and nothing here kernelises a
+    model, so the routed function is the plain one either way. Our own side effect, the MoE block's routing record,
+    never sits inside a compiled checkpoint: `compiled_modules` compiles a checkpointed MoE layer child by child,
+    so its checkpoint stays eager. torchtitan and transformers' own per-layer compile set the same switch."""
+    if hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # torch >= 2.9
+        config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
 def compile_model(model: torch.nn.Module, scope: str, backend: str = "inductor", mode: str | None = None) -> int:
     """Compile (lazily: at the first forward) what `scope` names, in place; returns how many modules."""
     modules = compiled_modules(model, scope)
@@ -53,6 +71,7 @@ def compile_model(model: torch.nn.Module, scope: str, backend: str = "inductor",
         # reach the default limit of 8, past which the remaining layers would run eagerly without a word
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 64)
+        allow_restored_side_effects_under_checkpoint(config)
     for mod in modules:
         mod.compile(backend=backend, mode=mode, dynamic=True)
     return len(modules)
