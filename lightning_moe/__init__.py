@@ -5,3 +5,10 @@ config before the heavy stack is imported, so a bad override fails in about a se
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# bitsandbytes (imported by peft) looks for an optional 4-bit CPU kernel on the Hugging Face Hub at import on CPUs
+# with AVX-512 BF16 and, offline or refused, warns "Failed to load CPU gemm_4bit_forward" in every command before
+# falling back to its own kernel, the one QLoRA on a CPU has always used here. Nothing is lost: keep only its errors.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)

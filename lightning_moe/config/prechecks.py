@@ -60,7 +60,12 @@ def check_liger(model_type: str, accelerator: str, cuda_available: bool) -> None
         raise ConfigError("model.liger_kernel: Liger's Triton kernels need a CUDA GPU; set model.liger_kernel=false")
     from lightning_moe.upstream import liger_model_types
 
-    if model_type not in liger_model_types():
+    try:
+        supported = liger_model_types()
+    except ImportError:  # the CPU install leaves liger-kernel (and Triton) out: requirements-gpu.txt adds them
+        raise ConfigError("model.liger_kernel: liger-kernel is not installed; on a GPU machine install "
+                          "requirements-gpu.txt (`make TORCH=torch install` does), or set model.liger_kernel=false") from None
+    if model_type not in supported:
         raise ConfigError(f"model.liger_kernel: Liger has no kernels for model type '{model_type}' "
                           f"(supported: {', '.join(sorted(liger_model_types()))}); set it to false")
 

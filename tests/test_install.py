@@ -1,0 +1,54 @@
+"""The install: what CI and `make` put in the virtualenv, and what it prints."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+from test_layout import _requirement_names
+
+
+def test_the_lock_pins_every_requirement_and_no_cuda_only_package():
+    """CI installs requirements.txt under requirements.lock: each requirement has exactly one pinned version there
+    (a name missing from the lock would float with the day), and the CPU lock holds none of the CUDA-only packages
+    that requirements-gpu.txt adds."""
+    lock = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        spec = line.split("#")[0].strip()
+        if spec:
+            name, _, version = spec.partition("==")
+            assert version, f"requirements.lock: {spec!r} is not pinned with =="
+            lock[re.sub(r"[-_.]+", "-", name.lower())] = version
+    for name in _requirement_names((REPO / "requirements.txt").read_text().splitlines()):
+        if name != "torch":  # the Makefile's TORCH picks the build: CPU here, CUDA on a GPU machine
+            assert re.sub(r"[-_.]+", "-", name) in lock, f"{name} is not pinned in requirements.lock"
+    for name in [*_requirement_names((REPO / "requirements-gpu.txt").read_text().splitlines()), "triton"]:
+        assert name not in lock, f"{name} is CUDA-only but pinned in the CPU lock"
+    assert "torch" not in lock
+
+
+
+def test_importing_the_stack_prints_no_bitsandbytes_hub_kernel_warning():
+    """bitsandbytes looks for an optional CPU kernel on the Hub at import (on CPUs with AVX-512 BF16) and warned in
+    every script that imports peft; lightning_moe keeps only its errors (lightning_moe/__init__.py)."""
+    out = subprocess.run([sys.executable, "-c", "import lightning_moe, peft, bitsandbytes"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "gemm_4bit_forward" not in out.stderr + out.stdout
+
+
+def test_liger_missing_on_a_gpu_machine_is_named_before_weights():
+    """The CPU install has no liger-kernel; a GPU machine that lacks it is told which list adds it."""
+    import importlib.util
+
+    import pytest
+
+    from lightning_moe.config import ConfigError
+    from lightning_moe.config.prechecks import check_liger
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here (a GPU install)")
+    with pytest.raises(ConfigError, match="requirements-gpu.txt"):
+        check_liger("mistral", "gpu", cuda_available=True)
