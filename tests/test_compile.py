@@ -88,8 +88,10 @@ def test_compiled_training_equals_eager_and_recompiles_stop_growing(tokenizer, s
     assert frames[0] > 0, "nothing was compiled"
     # the first micro-batch compiles each variant (a layer checkpointed or not, the first layer's input without
     # gradients, the backward's recomputation), shapes dynamic from the start; later ones only reuse them, and the
-    # layers of one kind share theirs: 7 frames for `all`, 2 for `moe`
-    assert frames == [{"all": 7, "moe": 2}[scope]] * len(batches), f"compiled frames after each micro-batch: {frames}"
+    # layers of one kind share theirs: at most 7 frames for `all` (6 on transformers 5.17, which checkpoints a
+    # layer's whole call; 7 from 5.2x, which checkpoints its forward inside the call), 2 for `moe`
+    assert frames == [frames[0]] * len(batches), f"recompiled after the first micro-batch: {frames}"
+    assert frames[0] <= {"all": 7, "moe": 2}[scope], f"more compiled variants than layer kinds explain: {frames}"
     assert counters["graph_break"] == {}, dict(counters["graph_break"])
     _assert_kernels_routing_restored(compiled.model)
 
