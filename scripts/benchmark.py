@@ -43,6 +43,7 @@ Tokens/s counts real (non-padding) tokens; MFU is model FLOPs (lightning_moe/mod
 over the dense bf16 peak; peak memory is torch.cuda.max_memory_allocated. Writes OUT/results.json (+ one JSON
 and one log per variant) and prints a table with each variant's ratio to (a). --memory adds, per variant,
 OUT/VARIANT.memory.txt: the allocations alive at one micro-batch's peak, by the code that made them.
+Exits 1 at once with --device cuda on a machine without CUDA, and after the table when no variant produced a result.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ VARIANTS = ["plain", "plain_liger", "moe", "nomoe", "multiseg", "multiseg_sdpa",
 # every recipe on real conversations (counsel-chat + ESConv)
 DEFAULT = ["plain", "plain_liger", "moe", "h100", "h200", "multiseg", "multiseg_sdpa", "real_h100", "real_h100_sdpa",
            "real_h100_fast", "real_h100_nomoe", "real_h200"]
+PLAIN_LOOPS = ("plain", "plain_liger")  # written here, not train.py
 REAL_DATA = ["data/generated/counsel_chat.jsonl", "data/generated/esconv.jsonl"]
 
 
@@ -166,12 +168,11 @@ def synthetic_conversations(path: Path, rows: int, tokens: int, seed: int = 0, s
     return path
 
 
-def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] | None:
+def train_args(name: str, a, out: Path, label: str | None = None) -> list[str]:
     """train.py's command for variant `name`; `label` (default: name) names its run directory and JSON."""
     if "_compile" in name:  # VARIANT_compile[_SCOPE]: that variant with model.compile=SCOPE (all when none given)
         base, scope = name.split("_compile")
-        cmd = train_args(base, a, out, label=name)
-        return None if cmd is None else cmd + [f"model.compile={scope.lstrip('_') or 'all'}"]
+        return train_args(base, a, out, label=name) + [f"model.compile={scope.lstrip('_') or 'all'}"]
     label = label or name
     recipe = [] if a.recipe == "none" else [f"+recipe={a.recipe}", "model.init=random"]
     seq, warmup, micro = a.seq, a.warmup, a.micro_batches
@@ -195,13 +196,12 @@ def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] |
         recipe = ["+recipe=therapeutic_h200", "model.init=random"] + (["moe=none"] if name == "h200_nomoe" else [])
     elif name.startswith("longest_"):
         seq = int(name.split("_")[1])
-        extra, warmup, micro = ["model.gradient_checkpointing=true", "data.batch_size=1"], 1, 1  # ~1 min/step
+        # one conversation a micro-batch (the recipes count micro-batches in tokens, fewer than seq); ~1 min/step
+        extra = ["model.gradient_checkpointing=true", "data.batch_size=1", "data.batch_tokens=null"]
+        warmup, micro = 1, 1
         data = synthetic_conversations(out / f"synthetic_{seq}.jsonl", 8, seq)
     elif name in ("qlora", "qlora_upcast"):
-        model_dir = a.scratch / f"random-{a.arch}"  # 24 GB for the 12B: not beside the results
-        if not (model_dir / "config.json").exists():
-            subprocess.run([sys.executable, __file__, "--_save-random", str(model_dir), "--arch", a.arch], check=True)
-        recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={model_dir}", "model.tokenizer=data/tokenizer",
+        recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={random_model_dir(a)}", "model.tokenizer=bundled",
                   "model.gradient_checkpointing=true", "data.batch_size=1"]
         extra = ["model.upcast_non_quantized=true"] if name == "qlora_upcast" else []
     elif name.startswith("multiseg"):  # synthetic conversations of ~140-1000 tokens (~560), packed several a row
@@ -209,10 +209,7 @@ def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] |
                                        shortest=max(4, seq // 40))
         extra = ["data.packing=true", f"data.batch_tokens={4 * seq}", *attention(name, seq)]
     elif name.startswith("qlora_24gb"):
-        model_dir = a.scratch / f"random-{a.arch}"
-        if not (model_dir / "config.json").exists():
-            subprocess.run([sys.executable, __file__, "--_save-random", str(model_dir), "--arch", a.arch], check=True)
-        recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={model_dir}", "model.tokenizer=bundled"]
+        recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={random_model_dir(a)}", "model.tokenizer=bundled"]
         extra = {"qlora_24gb_a": ["model.gradient_checkpointing_layers=20", f"data.batch_tokens={2 * seq}"],
                  "qlora_24gb_b": ["model.gradient_checkpointing_layers=null", f"data.batch_tokens={4 * seq}"],
                  "qlora_24gb_c": ["model.gradient_checkpointing=false", "model.gradient_checkpointing_layers=null",
@@ -220,10 +217,6 @@ def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] |
         extra = [f"data.train_files=[{','.join(REAL_DATA)}]", "data.packing=true", *extra]
     elif name in ("real_h100", "real_h100_flex", "real_h100_sdpa", "real_h100_varlen", "real_h100_nomoe",
                   "real_h100_fast", "real_h200", "real_h200_sdpa", "real_h200_varlen"):
-        missing = [f for f in REAL_DATA if not (REPO / f).exists()]
-        if missing:
-            print(f"skipping {name}: {missing} missing (scripts/convert_counsel_chat.py, convert_esconv.py)")
-            return None
         recipe = [f"+recipe=therapeutic_{name.split('_')[1] + ('_fast' if name.endswith('_fast') else '')}",
                   "model.init=random"]
         extra = [f"data.train_files=[{','.join(REAL_DATA)}]"]
@@ -232,10 +225,6 @@ def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] |
     elif name.startswith("real_"):
         if name in ("real_packed_h200", "real_packed_h100"):
             recipe = [f"+recipe=therapeutic_{name.rsplit('_', 1)[1]}", "model.init=random"]
-        missing = [f for f in REAL_DATA if not (REPO / f).exists()]
-        if missing:
-            print(f"skipping {name}: {missing} missing (scripts/convert_counsel_chat.py, convert_esconv.py)")
-            return None
         extra = [f"data.train_files=[{','.join(REAL_DATA)}]", f"data.packing={name != 'real_padded'}"]
     if data is None and not name.startswith(("real_", "qlora_24gb")):
         # enough rows that the timed window never reaches the end of an epoch (a dataloader restart and a short
@@ -250,6 +239,17 @@ def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] |
             f"+callbacks.bench={{_target_: step_timer.StepTimer, out: {out / label}.json, "
             f"warmup: {warmup}, steps: {micro}, profile: {a.profile}, memory_trace: {a.memory}}}",
             *extra, *a.override]
+
+
+def uses_real_data(name: str) -> bool:
+    """The variants that train on converted counsel-chat + ESConv (REAL_DATA), skipped where it is missing."""
+    return name.startswith(("real_", "qlora_24gb"))
+
+
+def random_model_dir(a) -> Path:
+    """Where the qlora variants find the random model they load in 4 bits (24 GB for the 12B: not beside the
+    results); run_variant saves it once."""
+    return a.scratch / f"random-{a.arch}"
 
 
 def attention(name: str, seq: int) -> list[str]:
@@ -267,14 +267,19 @@ def _with_scripts() -> str:
 
 # ---- driver -----------------------------------------------------------------------------------------------
 def run_variant(name: str, a, out: Path) -> dict:
-    if name in ("plain", "plain_liger"):
+    if name in PLAIN_LOOPS:
         cmd = [sys.executable, __file__, "--_plain", "--arch", a.arch, "--seq", str(a.seq), "--device", a.device,
                "--warmup", str(a.warmup), "--micro-batches", str(a.plain_steps), "--out", str(out)]
         cmd += ["--_liger"] if name == "plain_liger" else []
     else:
-        cmd = train_args(name, a, out)
-        if cmd is None:
+        missing = [f for f in REAL_DATA if not (REPO / f).exists()] if uses_real_data(name) else []
+        if missing:
+            print(f"skipping {name}: {missing} missing (scripts/convert_counsel_chat.py, convert_esconv.py)")
             return {"status": "skipped"}
+        if name.startswith("qlora") and not (random_model_dir(a) / "config.json").exists():
+            subprocess.run([sys.executable, __file__, "--_save-random", str(random_model_dir(a)), "--arch", a.arch],
+                           check=True)
+        cmd = train_args(name, a, out)
     (out / f"{name}.json").unlink(missing_ok=True)
     t0 = time.monotonic()
     returncode = None
@@ -298,7 +303,7 @@ def run_variant(name: str, a, out: Path) -> dict:
     return result
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="results directory (required)")
     p.add_argument("--only", default=",".join(DEFAULT), help="comma-separated variants, or 'all'")
@@ -319,6 +324,11 @@ def main() -> None:
     p.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_liger", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_save-random", type=Path, help=argparse.SUPPRESS)
+    return p
+
+
+def main() -> None:
+    p = parser()
     a = p.parse_args()
     if a._plain:
         if a._liger:  # (a'): HF + PEFT + Liger, micro-batch 2, no checkpointing
@@ -329,6 +339,13 @@ def main() -> None:
         return save_random(a.arch, a._save_random)
     if a.out is None:
         p.error("--out is required")
+    if a.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # every variant would fail the same way, after minutes of start-up
+            sys.exit(f"benchmark.py: --device {a.device} needs a CUDA GPU and this machine has none (torch "
+                     f"{torch.__version__}); on a CPU only the smoke test runs: --device cpu --recipe none "
+                     "--arch tiny-mistral --seq 64")
 
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -349,6 +366,9 @@ def main() -> None:
         print(f"{name}: {results[name]['status']} ({results[name].get('wall_s', 0)} s)", flush=True)
         (a.out / "results.json").write_text(json.dumps(results, indent=2))  # after each: a timeout keeps the rest
     print_table(results)
+    if not any(r["status"] == "ok" for r in results.values()):  # a GPU call must not read as a success
+        statuses = ", ".join(sorted({r["status"] for r in results.values()}))
+        sys.exit(f"benchmark.py: no variant produced a result ({statuses}); see {a.out}/VARIANT.log")
 
 
 def print_table(results: dict[str, dict]) -> None:

@@ -86,7 +86,16 @@ def test_activation_offloading_on_a_side_stream_gives_the_same_gradients():
         torch.testing.assert_close(grad, runs[0][1][name], msg=name)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "varlen", "flex_attention"])
+# torch 2.11's inductor fails to lower flex_attention's kernel for this mask (seen on an H200 with transformers 5.17:
+# an inductor error "Found from: ... flex_attention_hop(", benchmarks/2026-12-01_h200/flex_test.txt); the recipes
+# run varlen.
+# Not strict: a torch that compiles it passes, and the test then checks the packed result as for the others
+FLEX_XFAIL = pytest.mark.xfail(
+    torch.__version__.startswith("2.11"), strict=False,
+    reason="torch 2.11: inductor fails to lower flex_attention's kernel (an error in flex_attention_hop)")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "varlen", pytest.param("flex_attention", marks=FLEX_XFAIL)])
 def test_packed_rows_on_the_gpu_attend_within_each_conversation(tokenizer, attn):
     """The GPU attention paths of packed rows (one row of several conversations, marked by position_ids): each
     conversation's logits equal it alone, for SDPA, varlen's FlashAttention spans and flex_attention's document
