@@ -96,3 +96,13 @@ def liger_model_types() -> set[str]:
 
 def liger_apply_function(model_type: str):
     return _liger_table()[model_type]
+
+
+# ---- torchao 0.17.0 (float8 training) -------------------------------------------------------------------------
+def torchao_float8_cast():
+    """torchao.float8's dynamic cast of a high-precision tensor to a `Float8TrainingTensor` (tensorwise scale), the
+    one Float8Linear's own matmul uses (`float8_scaling_utils.hp_tensor_to_float8_dynamic`, not exported): our
+    frozen-weight matmul (models/fp8.py) casts its activations and output gradients the same way."""
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+
+    return hp_tensor_to_float8_dynamic

@@ -18,6 +18,11 @@ lightning_moe/architectures/, the bundled tokenizer):
                compilation.py), 8 untimed micro-batches first (compilation); the JSON counts compiled frames and
                graph breaks: real_h100_compile, _compile_layers, _compile_moe, real_h100_nomoe_compile, moe_compile,
                h200_compile, real_h200_compile
+  real_h100_fp8  real_h100 with model.base_precision=fp8 (the frozen base's matmuls in FP8, lightning_moe/models/
+               fp8.py); _fp8_nocache: the weights cast at every forward instead of once; real_h100_fast_fp8
+  --loss-parity  instead of variants: therapeutic_h100 on the real data with the first --parity-layers layers of
+               --arch, one micro-batch an optimizer step, --parity-steps steps in bf16 and in fp8 (same seed, same
+               data order): OUT/loss_parity.json holds both curves and their largest relative gap
   qlora_24gb_a/_b/_c  therapeutic_qlora on the real data: 20 checkpointed layers and micro-batches of 2 x seq
                tokens (therapeutic_qlora_24gb) / every layer and 4 x seq / none and 1 x seq: for a 24 GB GPU
   plain        (a) a plain loop written here: transformers + PEFT, LoRA r16/alpha32/dropout 0 on all 7 projections,
@@ -66,7 +71,8 @@ VARIANTS = ["plain", "plain_liger", "moe", "nomoe", "multiseg", "multiseg_sdpa",
             "h100_drop05", "h100_nockpt", "h200", "h200_nomoe", "longest", "qlora", "qlora_upcast",
             "real_padded", "real_packed", "real_packed_h100", "real_packed_h200",
             "real_h100_compile", "real_h100_compile_layers", "real_h100_compile_moe", "real_h100_nomoe_compile",
-            "moe_compile", "h200_compile", "real_h200_compile"]
+            "moe_compile", "h200_compile", "real_h200_compile", "real_h100_fp8", "real_h100_fp8_nocache",
+            "real_h100_fast_fp8"]
 # the side-by-side of the speed work's targets: both baselines, synthetic full rows, several conversations a row, and
 # every recipe on real conversations (counsel-chat + ESConv)
 DEFAULT = ["plain", "plain_liger", "moe", "h100", "h200", "multiseg", "multiseg_sdpa", "real_h100", "real_h100_sdpa",
@@ -170,6 +176,10 @@ def synthetic_conversations(path: Path, rows: int, tokens: int, seed: int = 0, s
 
 def train_args(name: str, a, out: Path, label: str | None = None) -> list[str]:
     """train.py's command for variant `name`; `label` (default: name) names its run directory and JSON."""
+    if name.endswith(("_fp8", "_fp8_nocache")):  # VARIANT_fp8: that variant with the frozen base in FP8
+        base = name.rsplit("_fp8", 1)[0]
+        return train_args(base, a, out, label=name) + [
+            "model.base_precision=fp8", f"model.fp8_weight_cache={not name.endswith('_nocache')}"]
     if "_compile" in name:  # VARIANT_compile[_SCOPE]: that variant with model.compile=SCOPE (all when none given)
         base, scope = name.split("_compile")
         return train_args(base, a, out, label=name) + [f"model.compile={scope.lstrip('_') or 'all'}"]
@@ -239,6 +249,64 @@ def train_args(name: str, a, out: Path, label: str | None = None) -> list[str]:
             f"+callbacks.bench={{_target_: step_timer.StepTimer, out: {out / label}.json, "
             f"warmup: {warmup}, steps: {micro}, profile: {a.profile}, memory_trace: {a.memory}}}",
             *extra, *a.override]
+
+
+# ---- loss parity: bf16 against fp8 (or any two override sets) over the same first optimizer steps ------------
+def cut_architecture(arch: str, layers: int, out: Path) -> Path:
+    """The architecture `arch` with its first `layers` decoder layers only: the same shapes a layer, a fraction of
+    the time, so hundreds of optimizer steps fit one GPU call (model.arch takes a folder with a config.json)."""
+    config = architecture_config(arch)
+    config.num_hidden_layers = layers
+    folder = out / f"{arch}-{layers}-layers"
+    config.save_pretrained(folder)
+    return folder
+
+
+def parity_commands(a, out: Path) -> dict[str, list[str]]:
+    """therapeutic_h100 on the real data, one micro-batch an optimizer step, `a.parity_steps` steps logged each,
+    once per precision with the same seed and data order."""
+    arch = cut_architecture(a.arch, a.parity_layers, out)
+    moe_layers = sorted({round(i * (a.parity_layers - 1) / 3) for i in range(4)})
+    common = [sys.executable, str(REPO / "train.py"), "+recipe=therapeutic_h100", "model.init=random",
+              f"model.arch={arch}", f"moe.layers=[{','.join(map(str, moe_layers))}]",
+              f"model.gradient_checkpointing_layers={min(4, a.parity_layers)}",
+              f"data.train_files=[{','.join(REAL_DATA)}]",
+              "logger=csv", "trainer.accumulate_grad_batches=1", f"trainer.max_steps={a.parity_steps}",
+              "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+              # the recipe warms up over 1000 steps: a short warm-up, so the compared curve actually moves
+              "optim.warmup_steps=10", "resume=false", *a.override]
+    return {p: common + [f"model.base_precision={p}", f"hydra.run.dir={out / f'parity_{p}'}"] for p in ("bf16", "fp8")}
+
+
+def loss_parity(a, out: Path) -> dict:
+    """The per-step training losses of parity_commands' two runs and their relative gaps."""
+    curves: dict[str, list[float]] = {}
+    result: dict = {"steps": a.parity_steps, "layers": a.parity_layers, "arch": a.arch}
+    for label, cmd in parity_commands(a, out).items():
+        t0 = time.monotonic()
+        with open(out / f"parity_{label}.log", "w") as log:
+            code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout,
+                                  env=os.environ | {"PYTHONUNBUFFERED": "1"}).returncode
+        result[f"{label}_wall_s"] = round(time.monotonic() - t0, 1)
+        result[f"{label}_command"] = " ".join(cmd[1:])
+        run_dir = out / f"parity_{label}"
+        if code != 0:
+            result["status"] = f"{label} failed (exit {code})"
+            return result
+        curves[label] = train_losses(run_dir / "logs" / "metrics.csv")
+    n = min(len(c) for c in curves.values())
+    gaps = [abs(f - b) / abs(b) for b, f in zip(curves["bf16"][:n], curves["fp8"][:n])]
+    return result | {"status": "ok", "bf16": curves["bf16"], "fp8": curves["fp8"], "compared_steps": n,
+                     "max_rel_gap": max(gaps), "mean_rel_gap": sum(gaps) / n,
+                     "steps_within_1pct": sum(g <= 0.01 for g in gaps)}
+
+
+def train_losses(metrics_csv: Path) -> list[float]:
+    """train/loss of each logged optimizer step, in step order (Lightning's CSV: one row per logged step)."""
+    import csv
+
+    rows = [r for r in csv.DictReader(open(metrics_csv)) if r.get("train/loss")]
+    return [float(r["train/loss"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
 
 
 def uses_real_data(name: str) -> bool:
@@ -321,6 +389,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="also write OUT/VARIANT.profile.txt (torch.profiler)")
     p.add_argument("--memory", action="store_true", help="also write OUT/VARIANT.memory.txt (allocator trace)")
     p.add_argument("--override", nargs="*", default=[], help="extra train.py overrides for every variant")
+    p.add_argument("--loss-parity", action="store_true",
+                   help="instead of variants: bf16 against model.base_precision=fp8, OUT/loss_parity.json")
+    p.add_argument("--parity-steps", type=int, default=200, help="optimizer steps of each --loss-parity run")
+    p.add_argument("--parity-layers", type=int, default=8, help="decoder layers of --arch that --loss-parity keeps")
     p.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_liger", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_save-random", type=Path, help=argparse.SUPPRESS)
@@ -348,6 +420,15 @@ def main() -> None:
                      "--arch tiny-mistral --seq 64")
 
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.loss_parity:
+        r = loss_parity(a, a.out)
+        (a.out / "loss_parity.json").write_text(json.dumps(r, indent=2))
+        if r["status"] == "ok":
+            print(f"loss parity: {r['compared_steps']} steps, max relative gap {r['max_rel_gap']:.4f}, "
+                  f"{r['steps_within_1pct']} within 1%")
+        else:
+            print(f"loss parity: {r['status']}; see {a.out}/parity_*.log")
+        sys.exit(0 if r["status"] == "ok" else 1)
     results: dict[str, dict] = {}
     names = VARIANTS if a.only == "all" else a.only.split(",")
     unknown = [n for n in names if n not in VARIANTS]

@@ -126,6 +126,10 @@ def test_every_train_variant_composes_validates_and_names_a_local_tokenizer(tmp_
             assert cmd[1] == str(REPO / "train.py"), name
             overrides = [o for o in cmd[2:] if not o.startswith("hydra.")]  # train.py's own Hydra settings
             configs[name] = compose("train", overrides=[*overrides, f"run_dir={tmp_path / name}"])
+        for name, cmd in bench.parity_commands(a, tmp_path).items():  # --loss-parity's two runs
+            overrides = [o for o in cmd[2:] if not o.startswith("hydra.")]
+            configs[f"parity_{name}"] = compose("train", overrides=[*overrides, f"run_dir={tmp_path / name}"])
+    assert configs["parity_fp8"].model.base_precision == "fp8" and configs["parity_fp8"].model.dtype == "bfloat16"
     for name, cfg in configs.items():
         sections = validate_config(cfg)
         if sections.model.tokenizer is not None:  # unset: a random model falls back to the bundled one

@@ -171,3 +171,20 @@ def test_compiled_layers_with_liger_and_varlen_match_eager_and_stop_recompiling(
         frames.append(counters["frames"]["ok"])
     assert frames[0] > 0 and frames[-1] == frames[0], frames
     assert counters["graph_break"] == {}, dict(counters["graph_break"])
+
+
+def test_fp8_base_trains_a_step_with_the_frozen_projections_in_float8(tmp_path):
+    """model.base_precision=fp8 on a GPU with FP8 (compute capability >= 8.9): the recipe trains, and every frozen
+    projection under LoRA (7 a layer) became torchao's float8 linear."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores (compute capability >= 8.9)")
+    run_dir = tmp_path / "run"
+    out = run_train("+recipe=therapeutic_h100", "model.init=random", "model.arch=tiny-mistral", "moe.layers=[1,3]",
+                    "model.gradient_checkpointing_layers=2", "model.tokenizer=bundled", "data=sample",
+                    "data.max_length=256", "logger=csv", "model.base_precision=fp8",
+                    "trainer.max_steps=2", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=2",
+                    "trainer.limit_val_batches=2", f"hydra.run.dir={run_dir}", timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:]
+    s = read_summary(run_dir)
+    assert s["stop_reason"] == "max_steps" and s["global_step"] == 2
+    assert s["model"]["fp8_modules"] == 4 * 7 and math.isfinite(s["train_loss"])

@@ -76,3 +76,14 @@ def test_liger_table_maps_the_tiny_families_to_public_functions():
 
     assert {"mistral", "llama", "qwen2"} <= liger_model_types()
     assert liger_apply_function("mistral") is liger.apply_liger_kernel_to_mistral
+
+
+def test_torchao_float8_cast_is_the_one_float8_linear_uses():
+    import pytest
+
+    pytest.importorskip("torchao.float8")
+    from torchao.float8 import float8_linear
+
+    from lightning_moe.upstream import torchao_float8_cast
+
+    assert torchao_float8_cast() is float8_linear.hp_tensor_to_float8_dynamic

@@ -46,6 +46,14 @@ class ModelConfig:
     # keep the activations saved for the backward pass (with checkpointing: each layer's input) in pinned CPU
     # memory, copied on a side stream: the memory floor for long rows or small GPUs, at a measured speed cost; CUDA
     offload_activations: bool = False
+    # bf16 | fp8: the frozen base projections under LoRA run their forward and input-gradient matmuls in FP8
+    # (torchao's float8 training, e4m3 forward, e5m2 gradients; lightning_moe/models/fp8.py); the adapters, experts,
+    # routers and lm_head stay in model.dtype / float32. fp8 needs a GPU of compute capability >= 8.9 (Ada, Hopper),
+    # model.dtype=bfloat16 and LoRA; measured: MOE_TRAINING_GUIDE.md section 8
+    base_precision: str = "bf16"
+    # with base_precision=fp8: cast each frozen weight to FP8 once and keep the copy (N more bytes: 11.4 GiB for the
+    # 12B) instead of at every forward
+    fp8_weight_cache: bool = True
     load_in_4bit: bool = False  # QLoRA: bitsandbytes 4-bit base weights (CUDA only)
     liger_kernel: bool = False  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA
     # torch.compile for training, per decoder layer (lightning_moe/models/compilation.py): none | layers (those

@@ -93,6 +93,10 @@ def build_model(
         if moe.enabled:
             layers = resolve_moe_layers(moe, config.num_hidden_layers)
             blocks = inject_moe(model, layers, context, moe, config.hidden_size, config.num_hidden_layers)
+        if training and m.base_precision == "fp8":  # after peft and the experts: only LoRA's frozen bases
+            from lightning_moe.models.fp8 import convert_frozen_base_to_fp8
+
+            convert_frozen_base_to_fp8(model, cache_weights=m.fp8_weight_cache)
         if training:  # generation's growing KV cache would recompile at every length: training only
             compile_model(model, m.compile, m.compile_backend, m.compile_mode)
     model.train(training)
@@ -124,6 +128,7 @@ def describe_model(model: torch.nn.Module, blocks: list[MoEBlock], m: ModelConfi
         "total_params": sum(p.numel() for p in params),
         "moe_layers": [b.layer_idx for b in blocks],
         "checkpointed_layers": checkpointed_layers(model),
+        "fp8_modules": sum(type(mod).__name__ == "FrozenFloat8Linear" for mod in model.modules()),
         "linear_4bit_modules": sum(type(mod).__name__ == "Linear4bit" and not hasattr(mod, "base_layer")
                                    for mod in model.modules()),
     }
