@@ -60,6 +60,10 @@ class ModelConfig:
     # without an MoE block) | moe (the MoE blocks alone) | all (every layer, MoE included); measured: guide section 8.
     # With liger_kernel, a compiled model keeps Liger's fused cross-entropy only (inductor fuses the rest)
     compile: str = "none"
+    # where model.compile keeps torch's compile caches (inductor's FX graphs, AOTAutograd's, Triton's kernels), so a
+    # resume or the next run that names the same folder starts warm; null: <run_dir>/compile_cache (travels with the
+    # run). A folder shared by runs of one recipe warms their first start too
+    compile_cache_dir: Optional[str] = None
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation, for debugging)
     compile_mode: Optional[str] = None  # torch.compile's mode: null (default) | max-autotune-no-cudagraphs | ...
     bnb_4bit_quant_type: str = "nf4"

@@ -27,7 +27,7 @@ from lightning_moe.models.lora import apply_lora
 from lightning_moe.moe.inject import inject_moe
 from lightning_moe.moe.layer import MoEBlock, RoutingContext
 from lightning_moe.paths import resolve_path
-from lightning_moe.upstream import disable_bnb_cpu_packing
+from lightning_moe.upstream import compile_cache_counts, disable_bnb_cpu_packing
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -128,6 +128,7 @@ def describe_model(model: torch.nn.Module, blocks: list[MoEBlock], m: ModelConfi
         "total_params": sum(p.numel() for p in params),
         "moe_layers": [b.layer_idx for b in blocks],
         "checkpointed_layers": checkpointed_layers(model),
+        **({"compile_cache": compile_cache_counts()} if m.compile != "none" else {}),
         "fp8_modules": sum(type(mod).__name__ == "FrozenFloat8Linear" for mod in model.modules()),
         "linear_4bit_modules": sum(type(mod).__name__ == "Linear4bit" and not hasattr(mod, "base_layer")
                                    for mod in model.modules()),
