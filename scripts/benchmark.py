@@ -18,6 +18,12 @@ lightning_moe/architectures/, the bundled tokenizer):
                compilation.py), 8 untimed micro-batches first (compilation); the JSON counts compiled frames and
                graph breaks: real_h100_compile, _compile_layers, _compile_moe, real_h100_nomoe_compile, moe_compile,
                h200_compile, real_h200_compile
+  trl_sft      the peer: TRL's SFTTrainer as its docs recommend for speed (packing with padding-free position_ids,
+               Liger, checkpointing, the recipes' LoRA, 4 x seq tokens a micro-batch) on the same real data and
+               random 12B model (scripts/trl_peer.py); needs trl + accelerate
+  real_h100_compile_cold / _warm  real_h100_compile with its compile caches in SCRATCH/compile_cache, emptied
+               before _cold and kept for _warm (run them in that order): wall_s is the whole start-to-stop time;
+               the JSON's compile_cache counts the graphs taken from the cache and generated
   real_h100_fp8  real_h100 with model.base_precision=fp8 (the frozen base's matmuls in FP8, lightning_moe/models/
                fp8.py); _fp8_nocache: the weights cast at every forward instead of once; real_h100_fast_fp8
   --loss-parity  instead of variants: therapeutic_h100 on the real data with the first --parity-layers layers of
@@ -57,6 +63,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -72,12 +79,13 @@ VARIANTS = ["plain", "plain_liger", "moe", "nomoe", "multiseg", "multiseg_sdpa",
             "real_padded", "real_packed", "real_packed_h100", "real_packed_h200",
             "real_h100_compile", "real_h100_compile_layers", "real_h100_compile_moe", "real_h100_nomoe_compile",
             "moe_compile", "h200_compile", "real_h200_compile", "real_h100_fp8", "real_h100_fp8_nocache",
-            "real_h100_fast_fp8"]
+            "real_h100_fast_fp8", "trl_sft", "real_h100_compile_cold", "real_h100_compile_warm"]
 # the side-by-side of the speed work's targets: both baselines, synthetic full rows, several conversations a row, and
 # every recipe on real conversations (counsel-chat + ESConv)
 DEFAULT = ["plain", "plain_liger", "moe", "h100", "h200", "multiseg", "multiseg_sdpa", "real_h100", "real_h100_sdpa",
            "real_h100_fast", "real_h100_nomoe", "real_h200"]
 PLAIN_LOOPS = ("plain", "plain_liger")  # written here, not train.py
+PEERS = ("trl_sft",)  # another trainer on the same data and shape: scripts/trl_peer.py
 REAL_DATA = ["data/generated/counsel_chat.jsonl", "data/generated/esconv.jsonl"]
 
 
@@ -176,13 +184,16 @@ def synthetic_conversations(path: Path, rows: int, tokens: int, seed: int = 0, s
 
 def train_args(name: str, a, out: Path, label: str | None = None) -> list[str]:
     """train.py's command for variant `name`; `label` (default: name) names its run directory and JSON."""
+    if name.endswith(("_cold", "_warm")):  # VARIANT_cold / _warm: compile caches emptied first / left from _cold
+        return train_args(name.rsplit("_", 1)[0], a, out, label=label or name) + [
+            f"model.compile_cache_dir={compile_cache(a)}"]
     if name.endswith(("_fp8", "_fp8_nocache")):  # VARIANT_fp8: that variant with the frozen base in FP8
         base = name.rsplit("_fp8", 1)[0]
-        return train_args(base, a, out, label=name) + [
+        return train_args(base, a, out, label=label or name) + [
             "model.base_precision=fp8", f"model.fp8_weight_cache={not name.endswith('_nocache')}"]
     if "_compile" in name:  # VARIANT_compile[_SCOPE]: that variant with model.compile=SCOPE (all when none given)
         base, scope = name.split("_compile")
-        return train_args(base, a, out, label=name) + [f"model.compile={scope.lstrip('_') or 'all'}"]
+        return train_args(base, a, out, label=label or name) + [f"model.compile={scope.lstrip('_') or 'all'}"]
     label = label or name
     recipe = [] if a.recipe == "none" else [f"+recipe={a.recipe}", "model.init=random"]
     seq, warmup, micro = a.seq, a.warmup, a.micro_batches
@@ -311,7 +322,12 @@ def train_losses(metrics_csv: Path) -> list[float]:
 
 def uses_real_data(name: str) -> bool:
     """The variants that train on converted counsel-chat + ESConv (REAL_DATA), skipped where it is missing."""
-    return name.startswith(("real_", "qlora_24gb"))
+    return name.startswith(("real_", "qlora_24gb")) or name in PEERS
+
+
+def compile_cache(a) -> Path:
+    """The _cold / _warm variants' model.compile_cache_dir: outside OUT (a GPU call brings OUT back)."""
+    return a.scratch / "compile_cache"
 
 
 def random_model_dir(a) -> Path:
@@ -339,6 +355,10 @@ def run_variant(name: str, a, out: Path) -> dict:
         cmd = [sys.executable, __file__, "--_plain", "--arch", a.arch, "--seq", str(a.seq), "--device", a.device,
                "--warmup", str(a.warmup), "--micro-batches", str(a.plain_steps), "--out", str(out)]
         cmd += ["--_liger"] if name == "plain_liger" else []
+    elif name in PEERS:
+        cmd = [sys.executable, str(REPO / "scripts" / "trl_peer.py"), "--out", str(out / f"{name}.json"),
+               "--arch", a.arch, "--seq", str(a.seq), "--warmup", str(a.warmup),
+               "--micro-batches", str(a.micro_batches)]
     else:
         missing = [f for f in REAL_DATA if not (REPO / f).exists()] if uses_real_data(name) else []
         if missing:
@@ -347,6 +367,8 @@ def run_variant(name: str, a, out: Path) -> dict:
         if name.startswith("qlora") and not (random_model_dir(a) / "config.json").exists():
             subprocess.run([sys.executable, __file__, "--_save-random", str(random_model_dir(a)), "--arch", a.arch],
                            check=True)
+        if name.endswith("_cold"):
+            shutil.rmtree(compile_cache(a), ignore_errors=True)
         cmd = train_args(name, a, out)
     (out / f"{name}.json").unlink(missing_ok=True)
     t0 = time.monotonic()
@@ -360,6 +382,9 @@ def run_variant(name: str, a, out: Path) -> dict:
             pass
     text = (out / f"{name}.log").read_text(errors="replace")
     result = {"command": " ".join(cmd[1:]), "wall_s": round(time.monotonic() - t0, 1)}
+    summary = out / name / "summary.json"
+    if summary.exists():  # a compiled run's graphs taken from / added to the compile caches
+        result["compile_cache"] = json.loads(summary.read_text()).get("model", {}).get("compile_cache")
     if (out / f"{name}.json").exists():
         return result | {"status": "ok"} | json.loads((out / f"{name}.json").read_text())
     if returncode is None:

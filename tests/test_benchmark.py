@@ -117,7 +117,7 @@ def test_every_train_variant_composes_validates_and_names_a_local_tokenizer(tmp_
     # a short --seq: the synthetic variants write their rows here (2048-token rows take seconds each)
     a = bench.parser().parse_args(["--out", str(tmp_path), "--scratch", str(tmp_path / "scratch"), "--seq", "64"])
     names = [f"longest_{a.longest.split(',')[0]}" if n == "longest" else n for n in bench.VARIANTS
-             if n not in bench.PLAIN_LOOPS]
+             if n not in bench.PLAIN_LOOPS + bench.PEERS]
     assert "qlora" in names and "real_h100_compile" in names
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):  # once: composing is the cost
         configs = {}
@@ -142,3 +142,13 @@ def test_on_a_cpu_the_gpu_benchmark_refuses_at_once_and_says_it_needs_cuda(tmp_p
                          cwd=REPO, env=clean_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "needs a CUDA GPU" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "results.json").exists()
+
+
+def test_the_trl_peer_counts_each_packed_conversation_by_where_its_positions_restart():
+    """trl_peer.py's MFU counts each conversation's own attention: the lengths come from position_ids restarting."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import torch
+    from trl_peer import segment_lengths
+
+    assert segment_lengths(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])) == [3, 2, 4]
+    assert segment_lengths(torch.arange(5)[None]) == [5]
