@@ -57,7 +57,7 @@ def test_only_the_frozen_lora_bases_become_fp8_and_their_weights_get_no_gradient
     from lightning_moe.models.fp8 import convert_frozen_base_to_fp8
 
     model = _tiny_lora_moe()
-    count = convert_frozen_base_to_fp8(model, emulate=True)  # torchao's emulation: the FP8 rounding, on a CPU
+    count = convert_frozen_base_to_fp8(model, cache_weights=True, emulate=True)  # emulated FP8 rounding, on a CPU
     fp8 = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
     assert count == len(fp8) == 4 * 7  # q, k, v, o, gate, up, down of each of the 4 layers
     assert all(n.endswith(".base_layer") for n in fp8)
@@ -83,7 +83,8 @@ def test_only_the_frozen_lora_bases_become_fp8_and_their_weights_get_no_gradient
 @pytest.mark.parametrize("cache", [True, False])
 def test_the_frozen_fp8_matmul_equals_torchaos_float8_linear_without_the_weight_gradient(cache):
     """Our glue runs torchao's own casts and FP8 matmuls, minus the third (the weight's gradient): the output and
-    the input's gradient equal Float8Linear's exactly, with the weight's FP8 copy cached or cast each time."""
+    the input's gradient equal Float8Linear's exactly, with the weight's FP8 copy cached or cast in the forward and
+    again in the backward (then only the bf16 weight waits for the backward)."""
     pytest.importorskip("torchao.float8")
     from torchao.float8 import Float8LinearConfig
     from torchao.float8.float8_linear import Float8Linear
@@ -101,7 +102,10 @@ def test_the_frozen_fp8_matmul_equals_torchaos_float8_linear_without_the_weight_
     x = torch.randn(3, 5, 64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     g = torch.randn(3, 5, 32)
-    out = holder.base_layer(x)
+    saved = []  # what the backward keeps alive: without the cache, no FP8 copy of the weight waits for it
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(type(t).__name__) or t, lambda t: t):
+        out = holder.base_layer(x)
+    assert ("Float8TrainingTensor" in saved) == cache, saved
     out.backward(g)
     out_ref = reference(x_ref)
     out_ref.backward(g)

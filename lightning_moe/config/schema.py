@@ -52,8 +52,8 @@ class ModelConfig:
     # model.dtype=bfloat16 and LoRA; measured: MOE_TRAINING_GUIDE.md section 8
     base_precision: str = "bf16"
     # with base_precision=fp8: cast each frozen weight to FP8 once and keep the copy (N more bytes: 11.4 GiB for the
-    # 12B) instead of at every forward
-    fp8_weight_cache: bool = True
+    # 12B) instead of in every forward and backward (false: no memory beyond bf16's)
+    fp8_weight_cache: bool = False
     load_in_4bit: bool = False  # QLoRA: bitsandbytes 4-bit base weights (CUDA only)
     liger_kernel: bool = False  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA
     # torch.compile for training, per decoder layer (lightning_moe/models/compilation.py): none | layers (those

@@ -7,9 +7,10 @@ In LoRA training a base projection does two matmuls per micro-batch: the forward
 the tensor cores. Where the library stops, for a frozen weight, two pieces of glue:
 - `Float8Linear`'s backward always computes the weight's gradient (a third matmul, as large as the other two, and
   it keeps the input alive for it); `FrozenFloat8Linear` runs only the two matmuls a frozen weight needs;
-- its weight would be cast to FP8 at every forward; a frozen weight is cast once, at conversion (a non-persistent
-  buffer: never in a checkpoint, moved with the module), unless `model.fp8_weight_cache=false`, which trades that
-  cast back for the copy's memory (N bytes: 11.4 GiB for the 12B).
+- its weight is cast to FP8 at every forward and kept until the backward. By default (`model.fp8_weight_cache=
+  false`) ours casts it in the forward and again in the backward, keeping only the bf16 weight: no memory beyond
+  bf16's. `model.fp8_weight_cache=true` casts each frozen weight once, at conversion (a non-persistent buffer:
+  never in a checkpoint, moved with the module): no cast per micro-batch, N more bytes (11.4 GiB for the 12B).
 The bf16 weight stays (peft's merge, the experts' upcycling, the FLOP count and evaluation read it). Refused before
 weights on a CPU and on GPUs without FP8 (compute capability < 8.9): config/prechecks.py. Measured: guide section 8.
 """
@@ -37,22 +38,27 @@ class _FrozenWeightMatmul(torch.autograd.Function):
         from lightning_moe.upstream import torchao_float8_cast
 
         cast, c, mm = torchao_float8_cast(), module.config, module.linear_mm_config
+        # without the cache, the backward casts the weight again: keeping this cast alive until then would hold
+        # every layer's FP8 copy at the peak, the memory the cache costs without its saving
+        ctx.save_for_backward(weight if weight_fp8 is None else weight_fp8)
+        ctx.module = module
         if weight_fp8 is None:  # no cache: cast the frozen weight now, as Float8Linear does
             weight_fp8 = cast(weight, c.cast_config_weight.target_dtype, mm, gemm_input_role=GemmInputRole.WEIGHT)
-        ctx.save_for_backward(weight_fp8)
-        ctx.module = module
         x8 = cast(x.reshape(-1, x.shape[-1]), c.cast_config_input.target_dtype, mm,
                   gemm_input_role=GemmInputRole.INPUT)
         return torch.mm(x8, weight_fp8.t()).reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
-        from torchao.float8.float8_training_tensor import GemmInputRole
+        from torchao.float8.float8_training_tensor import Float8TrainingTensor, GemmInputRole
 
         from lightning_moe.upstream import torchao_float8_cast
 
         (weight_fp8,) = ctx.saved_tensors
         c, mm = ctx.module.config, ctx.module.linear_mm_config
+        if not isinstance(weight_fp8, Float8TrainingTensor):
+            weight_fp8 = torchao_float8_cast()(weight_fp8, c.cast_config_weight.target_dtype, mm,
+                                               gemm_input_role=GemmInputRole.WEIGHT)
         g8 = torchao_float8_cast()(grad.reshape(-1, grad.shape[-1]), c.cast_config_grad_output.target_dtype, mm,
                                    gemm_input_role=GemmInputRole.GRAD_OUTPUT)
         # torchao lays the row-major weight out column-major for _scaled_mm (a transient copy of N bytes)
@@ -93,7 +99,7 @@ def _frozen_class():
     return FrozenFloat8Linear
 
 
-def convert_frozen_base_to_fp8(model: torch.nn.Module, cache_weights: bool = True, emulate: bool = False) -> int:
+def convert_frozen_base_to_fp8(model: torch.nn.Module, cache_weights: bool = False, emulate: bool = False) -> int:
     """Swap every frozen LoRA base linear for an FP8 one, in place; returns how many. `emulate`: torchao's
     high-precision emulation of the FP8 matmuls, which runs on a CPU (tests)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
