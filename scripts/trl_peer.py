@@ -5,9 +5,12 @@ carries their wheels):
 
     python scripts/trl_peer.py --out OUT/trl_sft.json --arch mistral-nemo-12b --seq 2048 --warmup 3 --micro-batches 16
 
-- model: the architecture json with random bf16 weights (as model.init=random), SDPA attention (FlashAttention 2,
-  which TRL's padding-free mode names, is a separate package that does not fit one upload; transformers reads the
-  packed position_ids with SDPA too);
+- model: the architecture json with random bf16 weights (as model.init=random). Attention: TRL's docs pair
+  padding-free with FlashAttention 2/3, separate packages that do not fit one upload; TRL's collator hands the
+  flattened batch's spans to the model (`cu_seq_lens_q`, `max_length_q`), which torch's own varlen FlashAttention
+  takes through the attention function lightning_moe/models/varlen.py registers with transformers (`--attn varlen`,
+  the default: the same kernel as the recipes). `--attn sdpa`: what a user without those packages gets, a
+  block-diagonal mask from the position_ids;
 - LoRA: peft's LoraConfig r16 / alpha 32 / dropout 0 on the same 7 projections as the recipes;
 - SFTConfig: packing (best-fit decreasing, which turns padding-free on: rows flattened, position_ids restart per
   conversation), max_length = --seq, per_device_train_batch_size 4 (4 x seq tokens a micro-batch: therapeutic_h100's
@@ -43,6 +46,7 @@ def main() -> None:
     p.add_argument("--arch", default="mistral-nemo-12b")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=4, help="packed rows a micro-batch (x --seq tokens)")
+    p.add_argument("--attn", default="varlen", choices=["varlen", "sdpa"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--micro-batches", type=int, default=16)
     p.add_argument("--data", nargs="+", default=[str(REPO / "data/generated/counsel_chat.jsonl"),
@@ -63,8 +67,12 @@ def main() -> None:
     tokenizer = load_tokenizer(ModelConfig(init="random", arch=a.arch, tokenizer="bundled"))
     config = resolve_model_config(ModelConfig(init="random", arch=a.arch))
     config.vocab_size = max(config.vocab_size, -(-len(tokenizer) // 64) * 64)
+    if a.attn == "varlen":
+        from lightning_moe.models import varlen
+
+        varlen.register()
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=a.attn)
     data = load_dataset("json", data_files=a.data, split="train")
     data = data.remove_columns([c for c in data.column_names if c != "messages"]).shuffle(seed=0)
 
@@ -113,7 +121,7 @@ def main() -> None:
         "mfu": flops / timing["seconds"] / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "micro_batch_size": a.batch,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "device": torch.cuda.get_device_name(), "trl": trl.__version__, "attn_implementation": "sdpa",
+        "device": torch.cuda.get_device_name(), "trl": trl.__version__, "attn_implementation": a.attn,
     }, indent=2))
 
 
