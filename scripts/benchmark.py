@@ -70,6 +70,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # --loss-parity reads the architecture through lightning_moe, installed or not
 
 VARIANTS = ["plain", "plain_liger", "moe", "nomoe", "multiseg", "multiseg_sdpa", "multiseg_varlen", "multiseg_flex",
             "real_h100", "real_h100_sdpa", "real_h100_varlen", "real_h100_flex", "real_h100_nomoe", "real_h100_fast",

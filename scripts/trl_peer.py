@@ -54,7 +54,7 @@ def main() -> None:
     a = p.parse_args()
 
     import torch
-    from datasets import load_dataset
+    from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -73,8 +73,13 @@ def main() -> None:
         varlen.register()
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=a.attn)
-    data = load_dataset("json", data_files=a.data, split="train")
-    data = data.remove_columns([c for c in data.column_names if c != "messages"]).shuffle(seed=0)
+    # only the conversations: the sources' metadata differ in schema (counsel-chat's question ids vs ESConv's
+    # strategies), which load_dataset("json") cannot merge into one table
+    rows = []
+    for path in (a.data if isinstance(a.data, list) else [a.data]):
+        with open(path, encoding="utf-8") as f:
+            rows += [{"messages": json.loads(line)["messages"]} for line in f if line.strip()]
+    data = Dataset.from_list(rows).shuffle(seed=0)
 
     timing = {"tokens": 0, "attn_sq": 0, "seen": 0, "t0": None, "seconds": 0.0}
 
