@@ -96,3 +96,25 @@ def liger_model_types() -> set[str]:
 
 def liger_apply_function(model_type: str):
     return _liger_table()[model_type]
+
+
+# ---- torchao 0.17.0 (float8 training) -------------------------------------------------------------------------
+def torchao_float8_cast():
+    """torchao.float8's dynamic cast of a high-precision tensor to a `Float8TrainingTensor` (tensorwise scale), the
+    one Float8Linear's own matmul uses (`float8_scaling_utils.hp_tensor_to_float8_dynamic`, not exported): our
+    frozen-weight matmul (models/fp8.py) casts its activations and output gradients the same way."""
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+
+    return hp_tensor_to_float8_dynamic
+
+
+# ---- torch 2.11-2.13 (compile) ----------------------------------------------------------------------------------
+def compile_cache_counts() -> dict:
+    """How many compiled graphs this process took from torch's on-disk caches and how many it had to generate:
+    dynamo's `counters` (torch._dynamo.utils), keyed as inductor and AOTAutograd count them."""
+    from torch._dynamo.utils import counters
+
+    return {"fx_graph_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "fx_graph_misses": counters["inductor"]["fxgraph_cache_miss"],
+            "autograd_cache_hits": counters["aot_autograd"]["autograd_cache_hit"],
+            "autograd_cache_misses": counters["aot_autograd"]["autograd_cache_miss"]}

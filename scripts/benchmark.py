@@ -18,6 +18,17 @@ lightning_moe/architectures/, the bundled tokenizer):
                compilation.py), 8 untimed micro-batches first (compilation); the JSON counts compiled frames and
                graph breaks: real_h100_compile, _compile_layers, _compile_moe, real_h100_nomoe_compile, moe_compile,
                h200_compile, real_h200_compile
+  trl_sft      the peer: TRL's SFTTrainer as its docs recommend for speed (packing with padding-free position_ids,
+               Liger, checkpointing, the recipes' LoRA, 4 x seq tokens a micro-batch) on the same real data and
+               random 12B model (scripts/trl_peer.py); needs trl + accelerate
+  real_h100_compile_cold / _warm  real_h100_compile with its compile caches in SCRATCH/compile_cache, emptied
+               before _cold and kept for _warm (run them in that order): wall_s is the whole start-to-stop time;
+               the JSON's compile_cache counts the graphs taken from the cache and generated
+  real_h100_fp8  real_h100 with model.base_precision=fp8 (the frozen base's matmuls in FP8, lightning_moe/models/
+               fp8.py); _fp8_cached: the frozen weights cast to FP8 once (model.fp8_weight_cache); real_h100_fast_fp8
+  --loss-parity  instead of variants: therapeutic_h100 on the real data with the first --parity-layers layers of
+               --arch, one micro-batch an optimizer step, --parity-steps steps in bf16 and in fp8 (same seed, same
+               data order): OUT/loss_parity.json holds both curves and their largest relative gap
   qlora_24gb_a/_b/_c  therapeutic_qlora on the real data: 20 checkpointed layers and micro-batches of 2 x seq
                tokens (therapeutic_qlora_24gb) / every layer and 4 x seq / none and 1 x seq: for a 24 GB GPU
   plain        (a) a plain loop written here: transformers + PEFT, LoRA r16/alpha32/dropout 0 on all 7 projections,
@@ -43,6 +54,7 @@ Tokens/s counts real (non-padding) tokens; MFU is model FLOPs (lightning_moe/mod
 over the dense bf16 peak; peak memory is torch.cuda.max_memory_allocated. Writes OUT/results.json (+ one JSON
 and one log per variant) and prints a table with each variant's ratio to (a). --memory adds, per variant,
 OUT/VARIANT.memory.txt: the allocations alive at one micro-batch's peak, by the code that made them.
+Exits 1 at once with --device cuda on a machine without CUDA, and after the table when no variant produced a result.
 """
 
 from __future__ import annotations
@@ -51,12 +63,14 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # --loss-parity reads the architecture through lightning_moe, installed or not
 
 VARIANTS = ["plain", "plain_liger", "moe", "nomoe", "multiseg", "multiseg_sdpa", "multiseg_varlen", "multiseg_flex",
             "real_h100", "real_h100_sdpa", "real_h100_varlen", "real_h100_flex", "real_h100_nomoe", "real_h100_fast",
@@ -65,11 +79,14 @@ VARIANTS = ["plain", "plain_liger", "moe", "nomoe", "multiseg", "multiseg_sdpa",
             "h100_drop05", "h100_nockpt", "h200", "h200_nomoe", "longest", "qlora", "qlora_upcast",
             "real_padded", "real_packed", "real_packed_h100", "real_packed_h200",
             "real_h100_compile", "real_h100_compile_layers", "real_h100_compile_moe", "real_h100_nomoe_compile",
-            "moe_compile", "h200_compile", "real_h200_compile"]
+            "moe_compile", "h200_compile", "real_h200_compile", "real_h100_fp8", "real_h100_fp8_cached",
+            "real_h100_fast_fp8", "trl_sft", "real_h100_compile_cold", "real_h100_compile_warm"]
 # the side-by-side of the speed work's targets: both baselines, synthetic full rows, several conversations a row, and
 # every recipe on real conversations (counsel-chat + ESConv)
 DEFAULT = ["plain", "plain_liger", "moe", "h100", "h200", "multiseg", "multiseg_sdpa", "real_h100", "real_h100_sdpa",
            "real_h100_fast", "real_h100_nomoe", "real_h200"]
+PLAIN_LOOPS = ("plain", "plain_liger")  # written here, not train.py
+PEERS = ("trl_sft",)  # another trainer on the same data and shape: scripts/trl_peer.py
 REAL_DATA = ["data/generated/counsel_chat.jsonl", "data/generated/esconv.jsonl"]
 
 
@@ -166,12 +183,18 @@ def synthetic_conversations(path: Path, rows: int, tokens: int, seed: int = 0, s
     return path
 
 
-def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] | None:
+def train_args(name: str, a, out: Path, label: str | None = None) -> list[str]:
     """train.py's command for variant `name`; `label` (default: name) names its run directory and JSON."""
+    if name.endswith(("_cold", "_warm")):  # VARIANT_cold / _warm: compile caches emptied first / left from _cold
+        return train_args(name.rsplit("_", 1)[0], a, out, label=label or name) + [
+            f"model.compile_cache_dir={compile_cache(a)}"]
+    if name.endswith(("_fp8", "_fp8_cached")):  # VARIANT_fp8: that variant with the frozen base in FP8
+        base = name.rsplit("_fp8", 1)[0]
+        return train_args(base, a, out, label=label or name) + [
+            "model.base_precision=fp8", f"model.fp8_weight_cache={name.endswith('_cached')}"]
     if "_compile" in name:  # VARIANT_compile[_SCOPE]: that variant with model.compile=SCOPE (all when none given)
         base, scope = name.split("_compile")
-        cmd = train_args(base, a, out, label=name)
-        return None if cmd is None else cmd + [f"model.compile={scope.lstrip('_') or 'all'}"]
+        return train_args(base, a, out, label=label or name) + [f"model.compile={scope.lstrip('_') or 'all'}"]
     label = label or name
     recipe = [] if a.recipe == "none" else [f"+recipe={a.recipe}", "model.init=random"]
     seq, warmup, micro = a.seq, a.warmup, a.micro_batches
@@ -195,13 +218,12 @@ def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] |
         recipe = ["+recipe=therapeutic_h200", "model.init=random"] + (["moe=none"] if name == "h200_nomoe" else [])
     elif name.startswith("longest_"):
         seq = int(name.split("_")[1])
-        extra, warmup, micro = ["model.gradient_checkpointing=true", "data.batch_size=1"], 1, 1  # ~1 min/step
+        # one conversation a micro-batch (the recipes count micro-batches in tokens, fewer than seq); ~1 min/step
+        extra = ["model.gradient_checkpointing=true", "data.batch_size=1", "data.batch_tokens=null"]
+        warmup, micro = 1, 1
         data = synthetic_conversations(out / f"synthetic_{seq}.jsonl", 8, seq)
     elif name in ("qlora", "qlora_upcast"):
-        model_dir = a.scratch / f"random-{a.arch}"  # 24 GB for the 12B: not beside the results
-        if not (model_dir / "config.json").exists():
-            subprocess.run([sys.executable, __file__, "--_save-random", str(model_dir), "--arch", a.arch], check=True)
-        recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={model_dir}", "model.tokenizer=data/tokenizer",
+        recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={random_model_dir(a)}", "model.tokenizer=bundled",
                   "model.gradient_checkpointing=true", "data.batch_size=1"]
         extra = ["model.upcast_non_quantized=true"] if name == "qlora_upcast" else []
     elif name.startswith("multiseg"):  # synthetic conversations of ~140-1000 tokens (~560), packed several a row
@@ -209,10 +231,7 @@ def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] |
                                        shortest=max(4, seq // 40))
         extra = ["data.packing=true", f"data.batch_tokens={4 * seq}", *attention(name, seq)]
     elif name.startswith("qlora_24gb"):
-        model_dir = a.scratch / f"random-{a.arch}"
-        if not (model_dir / "config.json").exists():
-            subprocess.run([sys.executable, __file__, "--_save-random", str(model_dir), "--arch", a.arch], check=True)
-        recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={model_dir}", "model.tokenizer=bundled"]
+        recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={random_model_dir(a)}", "model.tokenizer=bundled"]
         extra = {"qlora_24gb_a": ["model.gradient_checkpointing_layers=20", f"data.batch_tokens={2 * seq}"],
                  "qlora_24gb_b": ["model.gradient_checkpointing_layers=null", f"data.batch_tokens={4 * seq}"],
                  "qlora_24gb_c": ["model.gradient_checkpointing=false", "model.gradient_checkpointing_layers=null",
@@ -220,10 +239,6 @@ def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] |
         extra = [f"data.train_files=[{','.join(REAL_DATA)}]", "data.packing=true", *extra]
     elif name in ("real_h100", "real_h100_flex", "real_h100_sdpa", "real_h100_varlen", "real_h100_nomoe",
                   "real_h100_fast", "real_h200", "real_h200_sdpa", "real_h200_varlen"):
-        missing = [f for f in REAL_DATA if not (REPO / f).exists()]
-        if missing:
-            print(f"skipping {name}: {missing} missing (scripts/convert_counsel_chat.py, convert_esconv.py)")
-            return None
         recipe = [f"+recipe=therapeutic_{name.split('_')[1] + ('_fast' if name.endswith('_fast') else '')}",
                   "model.init=random"]
         extra = [f"data.train_files=[{','.join(REAL_DATA)}]"]
@@ -232,10 +247,6 @@ def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] |
     elif name.startswith("real_"):
         if name in ("real_packed_h200", "real_packed_h100"):
             recipe = [f"+recipe=therapeutic_{name.rsplit('_', 1)[1]}", "model.init=random"]
-        missing = [f for f in REAL_DATA if not (REPO / f).exists()]
-        if missing:
-            print(f"skipping {name}: {missing} missing (scripts/convert_counsel_chat.py, convert_esconv.py)")
-            return None
         extra = [f"data.train_files=[{','.join(REAL_DATA)}]", f"data.packing={name != 'real_padded'}"]
     if data is None and not name.startswith(("real_", "qlora_24gb")):
         # enough rows that the timed window never reaches the end of an epoch (a dataloader restart and a short
@@ -250,6 +261,80 @@ def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] |
             f"+callbacks.bench={{_target_: step_timer.StepTimer, out: {out / label}.json, "
             f"warmup: {warmup}, steps: {micro}, profile: {a.profile}, memory_trace: {a.memory}}}",
             *extra, *a.override]
+
+
+# ---- loss parity: bf16 against fp8 (or any two override sets) over the same first optimizer steps ------------
+def cut_architecture(arch: str, layers: int, out: Path) -> Path:
+    """The architecture `arch` with its first `layers` decoder layers only: the same shapes a layer, a fraction of
+    the time, so hundreds of optimizer steps fit one GPU call (model.arch takes a folder with a config.json)."""
+    config = architecture_config(arch)
+    config.num_hidden_layers = layers
+    folder = out / f"{arch}-{layers}-layers"
+    config.save_pretrained(folder)
+    return folder
+
+
+def parity_commands(a, out: Path) -> dict[str, list[str]]:
+    """therapeutic_h100 on the real data, one micro-batch an optimizer step, `a.parity_steps` steps logged each,
+    once per precision with the same seed and data order."""
+    arch = cut_architecture(a.arch, a.parity_layers, out)
+    moe_layers = sorted({round(i * (a.parity_layers - 1) / 3) for i in range(4)})
+    common = [sys.executable, str(REPO / "train.py"), "+recipe=therapeutic_h100", "model.init=random",
+              f"model.arch={arch}", f"moe.layers=[{','.join(map(str, moe_layers))}]",
+              f"model.gradient_checkpointing_layers={min(4, a.parity_layers)}",
+              f"data.train_files=[{','.join(REAL_DATA)}]",
+              "logger=csv", "trainer.accumulate_grad_batches=1", f"trainer.max_steps={a.parity_steps}",
+              "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+              # the recipe warms up over 1000 steps: a short warm-up, so the compared curve actually moves
+              "optim.warmup_steps=10", "resume=false", *a.override]
+    return {p: common + [f"model.base_precision={p}", f"hydra.run.dir={out / f'parity_{p}'}"] for p in ("bf16", "fp8")}
+
+
+def loss_parity(a, out: Path) -> dict:
+    """The per-step training losses of parity_commands' two runs and their relative gaps."""
+    curves: dict[str, list[float]] = {}
+    result: dict = {"steps": a.parity_steps, "layers": a.parity_layers, "arch": a.arch}
+    for label, cmd in parity_commands(a, out).items():
+        t0 = time.monotonic()
+        with open(out / f"parity_{label}.log", "w") as log:
+            code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout,
+                                  env=os.environ | {"PYTHONUNBUFFERED": "1"}).returncode
+        result[f"{label}_wall_s"] = round(time.monotonic() - t0, 1)
+        result[f"{label}_command"] = " ".join(cmd[1:])
+        run_dir = out / f"parity_{label}"
+        if code != 0:
+            result["status"] = f"{label} failed (exit {code})"
+            return result
+        curves[label] = train_losses(run_dir / "logs" / "metrics.csv")
+    n = min(len(c) for c in curves.values())
+    gaps = [abs(f - b) / abs(b) for b, f in zip(curves["bf16"][:n], curves["fp8"][:n])]
+    return result | {"status": "ok", "bf16": curves["bf16"], "fp8": curves["fp8"], "compared_steps": n,
+                     "max_rel_gap": max(gaps), "mean_rel_gap": sum(gaps) / n,
+                     "steps_within_1pct": sum(g <= 0.01 for g in gaps)}
+
+
+def train_losses(metrics_csv: Path) -> list[float]:
+    """train/loss of each logged optimizer step, in step order (Lightning's CSV: one row per logged step)."""
+    import csv
+
+    rows = [r for r in csv.DictReader(open(metrics_csv)) if r.get("train/loss")]
+    return [float(r["train/loss"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
+
+
+def uses_real_data(name: str) -> bool:
+    """The variants that train on converted counsel-chat + ESConv (REAL_DATA), skipped where it is missing."""
+    return name.startswith(("real_", "qlora_24gb")) or name in PEERS
+
+
+def compile_cache(a) -> Path:
+    """The _cold / _warm variants' model.compile_cache_dir: outside OUT (a GPU call brings OUT back)."""
+    return a.scratch / "compile_cache"
+
+
+def random_model_dir(a) -> Path:
+    """Where the qlora variants find the random model they load in 4 bits (24 GB for the 12B: not beside the
+    results); run_variant saves it once."""
+    return a.scratch / f"random-{a.arch}"
 
 
 def attention(name: str, seq: int) -> list[str]:
@@ -267,14 +352,25 @@ def _with_scripts() -> str:
 
 # ---- driver -----------------------------------------------------------------------------------------------
 def run_variant(name: str, a, out: Path) -> dict:
-    if name in ("plain", "plain_liger"):
+    if name in PLAIN_LOOPS:
         cmd = [sys.executable, __file__, "--_plain", "--arch", a.arch, "--seq", str(a.seq), "--device", a.device,
                "--warmup", str(a.warmup), "--micro-batches", str(a.plain_steps), "--out", str(out)]
         cmd += ["--_liger"] if name == "plain_liger" else []
+    elif name in PEERS:
+        cmd = [sys.executable, str(REPO / "scripts" / "trl_peer.py"), "--out", str(out / f"{name}.json"),
+               "--arch", a.arch, "--seq", str(a.seq), "--warmup", str(a.warmup),
+               "--micro-batches", str(a.micro_batches)]
     else:
-        cmd = train_args(name, a, out)
-        if cmd is None:
+        missing = [f for f in REAL_DATA if not (REPO / f).exists()] if uses_real_data(name) else []
+        if missing:
+            print(f"skipping {name}: {missing} missing (scripts/convert_counsel_chat.py, convert_esconv.py)")
             return {"status": "skipped"}
+        if name.startswith("qlora") and not (random_model_dir(a) / "config.json").exists():
+            subprocess.run([sys.executable, __file__, "--_save-random", str(random_model_dir(a)), "--arch", a.arch],
+                           check=True)
+        if name.endswith("_cold"):
+            shutil.rmtree(compile_cache(a), ignore_errors=True)
+        cmd = train_args(name, a, out)
     (out / f"{name}.json").unlink(missing_ok=True)
     t0 = time.monotonic()
     returncode = None
@@ -287,6 +383,9 @@ def run_variant(name: str, a, out: Path) -> dict:
             pass
     text = (out / f"{name}.log").read_text(errors="replace")
     result = {"command": " ".join(cmd[1:]), "wall_s": round(time.monotonic() - t0, 1)}
+    summary = out / name / "summary.json"
+    if summary.exists():  # a compiled run's graphs taken from / added to the compile caches
+        result["compile_cache"] = json.loads(summary.read_text()).get("model", {}).get("compile_cache")
     if (out / f"{name}.json").exists():
         return result | {"status": "ok"} | json.loads((out / f"{name}.json").read_text())
     if returncode is None:
@@ -298,7 +397,7 @@ def run_variant(name: str, a, out: Path) -> dict:
     return result
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="results directory (required)")
     p.add_argument("--only", default=",".join(DEFAULT), help="comma-separated variants, or 'all'")
@@ -316,9 +415,18 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also write OUT/VARIANT.profile.txt (torch.profiler)")
     p.add_argument("--memory", action="store_true", help="also write OUT/VARIANT.memory.txt (allocator trace)")
     p.add_argument("--override", nargs="*", default=[], help="extra train.py overrides for every variant")
+    p.add_argument("--loss-parity", action="store_true",
+                   help="instead of variants: bf16 against model.base_precision=fp8, OUT/loss_parity.json")
+    p.add_argument("--parity-steps", type=int, default=200, help="optimizer steps of each --loss-parity run")
+    p.add_argument("--parity-layers", type=int, default=8, help="decoder layers of --arch that --loss-parity keeps")
     p.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_liger", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_save-random", type=Path, help=argparse.SUPPRESS)
+    return p
+
+
+def main() -> None:
+    p = parser()
     a = p.parse_args()
     if a._plain:
         if a._liger:  # (a'): HF + PEFT + Liger, micro-batch 2, no checkpointing
@@ -329,8 +437,24 @@ def main() -> None:
         return save_random(a.arch, a._save_random)
     if a.out is None:
         p.error("--out is required")
+    if a.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # every variant would fail the same way, after minutes of start-up
+            sys.exit(f"benchmark.py: --device {a.device} needs a CUDA GPU and this machine has none (torch "
+                     f"{torch.__version__}); on a CPU only the smoke test runs: --device cpu --recipe none "
+                     "--arch tiny-mistral --seq 64")
 
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.loss_parity:
+        r = loss_parity(a, a.out)
+        (a.out / "loss_parity.json").write_text(json.dumps(r, indent=2))
+        if r["status"] == "ok":
+            print(f"loss parity: {r['compared_steps']} steps, max relative gap {r['max_rel_gap']:.4f}, "
+                  f"{r['steps_within_1pct']} within 1%")
+        else:
+            print(f"loss parity: {r['status']}; see {a.out}/parity_*.log")
+        sys.exit(0 if r["status"] == "ok" else 1)
     results: dict[str, dict] = {}
     names = VARIANTS if a.only == "all" else a.only.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -349,6 +473,9 @@ def main() -> None:
         print(f"{name}: {results[name]['status']} ({results[name].get('wall_s', 0)} s)", flush=True)
         (a.out / "results.json").write_text(json.dumps(results, indent=2))  # after each: a timeout keeps the rest
     print_table(results)
+    if not any(r["status"] == "ok" for r in results.values()):  # a GPU call must not read as a success
+        statuses = ", ".join(sorted({r["status"] for r in results.values()}))
+        sys.exit(f"benchmark.py: no variant produced a result ({statuses}); see {a.out}/VARIANT.log")
 
 
 def print_table(results: dict[str, dict]) -> None:

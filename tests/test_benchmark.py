@@ -83,12 +83,72 @@ def test_memory_trace_replay_finds_the_peak_and_who_allocated_it():
 
 def test_a_variant_past_its_timeout_is_recorded_and_the_next_still_runs(tmp_path):
     """A GPU call has one time limit: a variant that overruns --timeout must not crash the driver and lose the
-    variants already measured (1 s is less than train.py's own start-up)."""
+    variants already measured (1 s is less than train.py's own start-up); when none produced a result, the
+    driver still prints the table and exits non-zero, so the call does not read as a success."""
     out = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--out", str(tmp_path), "--recipe", "none",
          "--arch", "tiny-mistral", "--device", "cpu", "--seq", str(SEQ), "--only", "moe,nomoe", "--timeout", "1"],
         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 1 and "no variant produced a result" in out.stderr, out.stdout[-3000:] + out.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert {k: r["status"] for k, r in results.items()} == {"moe": "timeout (1 s)", "nomoe": "timeout (1 s)"}
     assert "variant" in out.stdout  # the table is still printed
+
+
+def _benchmark():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    return benchmark
+
+
+@pytest.mark.slow  # ~45 compositions
+def test_every_train_variant_composes_validates_and_names_a_local_tokenizer(tmp_path):
+    """Each train.py variant's overrides compose into a valid config whose tokenizer is a local folder (the
+    benchmark runs offline): a renamed recipe, key or bundled folder fails here, not after a GPU call's start-up
+    (the qlora variants passed model.tokenizer=data/tokenizer after that folder moved)."""
+    from hydra import compose, initialize_config_dir
+
+    from lightning_moe.config import validate_config
+    from lightning_moe.models.tokenizer import tokenizer_source
+    from lightning_moe.paths import resolve_path
+
+    bench = _benchmark()
+    # a short --seq: the synthetic variants write their rows here (2048-token rows take seconds each)
+    a = bench.parser().parse_args(["--out", str(tmp_path), "--scratch", str(tmp_path / "scratch"), "--seq", "64"])
+    names = [f"longest_{a.longest.split(',')[0]}" if n == "longest" else n for n in bench.VARIANTS
+             if n not in bench.PLAIN_LOOPS + bench.PEERS]
+    assert "qlora" in names and "real_h100_compile" in names
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):  # once: composing is the cost
+        configs = {}
+        for name in names:
+            cmd = bench.train_args(name, a, tmp_path)
+            assert cmd[1] == str(REPO / "train.py"), name
+            overrides = [o for o in cmd[2:] if not o.startswith("hydra.")]  # train.py's own Hydra settings
+            configs[name] = compose("train", overrides=[*overrides, f"run_dir={tmp_path / name}"])
+        for name, cmd in bench.parity_commands(a, tmp_path).items():  # --loss-parity's two runs
+            overrides = [o for o in cmd[2:] if not o.startswith("hydra.")]
+            configs[f"parity_{name}"] = compose("train", overrides=[*overrides, f"run_dir={tmp_path / name}"])
+    assert configs["parity_fp8"].model.base_precision == "fp8" and configs["parity_fp8"].model.dtype == "bfloat16"
+    for name, cfg in configs.items():
+        sections = validate_config(cfg)
+        if sections.model.tokenizer is not None:  # unset: a random model falls back to the bundled one
+            source = tokenizer_source(sections.model)
+            assert resolve_path(source).is_dir(), f"{name}: model.tokenizer={source}, not a local folder"
+
+
+def test_on_a_cpu_the_gpu_benchmark_refuses_at_once_and_says_it_needs_cuda(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--out", str(tmp_path)],
+                         cwd=REPO, env=clean_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "needs a CUDA GPU" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_the_trl_peer_counts_each_packed_conversation_by_where_its_positions_restart():
+    """trl_peer.py's MFU counts each conversation's own attention: the lengths come from position_ids restarting."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import torch
+    from trl_peer import segment_lengths
+
+    assert segment_lengths(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])) == [3, 2, 4]
+    assert segment_lengths(torch.arange(5)[None]) == [5]

@@ -107,3 +107,23 @@ def _assert_kernels_routing_restored(model):
     active = forward.__globals__["_ACTIVE_KERNEL_FUNCS"]
     assert active.get() is None and active.global_var is None
     assert not active.uses_global_var
+
+
+@pytest.mark.slow  # inductor generates and compiles C++ on a CPU: a minute or more a run
+def test_compiled_code_is_kept_with_the_run_and_a_second_start_reuses_it(tmp_path):
+    """model.compile=all with inductor keeps its compiled graphs in model.compile_cache_dir (by default the run's
+    compile_cache/): a second process on the same folder takes every graph from it and generates none."""
+    from conftest import read_summary, run_train
+
+    cache = tmp_path / "shared_cache"
+    counts = []
+    for run in ("first", "second"):
+        # one optimizer step and no validation (eval mode compiles graphs of its own): the least C++ to build
+        out = run_train("model.compile=all", f"model.compile_cache_dir={cache}", "trainer.max_steps=1",
+                        "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "data.max_length=64",
+                        "logger=csv", f"hydra.run.dir={tmp_path / run}", timeout=900)
+        assert out.returncode == 0, out.stdout[-3000:]
+        counts.append(read_summary(tmp_path / run)["model"]["compile_cache"])
+    assert counts[0]["fx_graph_misses"] > 0 and counts[0]["fx_graph_hits"] == 0, counts
+    assert counts[1]["fx_graph_hits"] >= counts[0]["fx_graph_misses"] and counts[1]["fx_graph_misses"] == 0, counts
+    assert any((cache / "inductor").rglob("*")), "nothing written to the cache folder"

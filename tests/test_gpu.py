@@ -86,7 +86,16 @@ def test_activation_offloading_on_a_side_stream_gives_the_same_gradients():
         torch.testing.assert_close(grad, runs[0][1][name], msg=name)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "varlen", "flex_attention"])
+# torch 2.11's inductor fails to lower flex_attention's kernel for this mask (seen on an H200 with transformers 5.17:
+# an inductor error "Found from: ... flex_attention_hop(", benchmarks/2026-12-01_h200/flex_test.txt); the recipes
+# run varlen.
+# Not strict: a torch that compiles it passes, and the test then checks the packed result as for the others
+FLEX_XFAIL = pytest.mark.xfail(
+    torch.__version__.startswith("2.11"), strict=False,
+    reason="torch 2.11: inductor fails to lower flex_attention's kernel (an error in flex_attention_hop)")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "varlen", pytest.param("flex_attention", marks=FLEX_XFAIL)])
 def test_packed_rows_on_the_gpu_attend_within_each_conversation(tokenizer, attn):
     """The GPU attention paths of packed rows (one row of several conversations, marked by position_ids): each
     conversation's logits equal it alone, for SDPA, varlen's FlashAttention spans and flex_attention's document
@@ -162,3 +171,20 @@ def test_compiled_layers_with_liger_and_varlen_match_eager_and_stop_recompiling(
         frames.append(counters["frames"]["ok"])
     assert frames[0] > 0 and frames[-1] == frames[0], frames
     assert counters["graph_break"] == {}, dict(counters["graph_break"])
+
+
+def test_fp8_base_trains_a_step_with_the_frozen_projections_in_float8(tmp_path):
+    """model.base_precision=fp8 on a GPU with FP8 (compute capability >= 8.9): the recipe trains, and every frozen
+    projection under LoRA (7 a layer) became torchao's float8 linear."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores (compute capability >= 8.9)")
+    run_dir = tmp_path / "run"
+    out = run_train("+recipe=therapeutic_h100", "model.init=random", "model.arch=tiny-mistral", "moe.layers=[1,3]",
+                    "model.gradient_checkpointing_layers=2", "model.tokenizer=bundled", "data=sample",
+                    "data.max_length=256", "logger=csv", "model.base_precision=fp8",
+                    "trainer.max_steps=2", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=2",
+                    "trainer.limit_val_batches=2", f"hydra.run.dir={run_dir}", timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:]
+    s = read_summary(run_dir)
+    assert s["stop_reason"] == "max_steps" and s["global_step"] == 2
+    assert s["model"]["fp8_modules"] == 4 * 7 and math.isfinite(s["train_loss"])

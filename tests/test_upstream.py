@@ -76,3 +76,27 @@ def test_liger_table_maps_the_tiny_families_to_public_functions():
 
     assert {"mistral", "llama", "qwen2"} <= liger_model_types()
     assert liger_apply_function("mistral") is liger.apply_liger_kernel_to_mistral
+
+
+def test_torchao_float8_cast_is_the_one_float8_linear_uses():
+    import pytest
+
+    pytest.importorskip("torchao.float8")
+    from torchao.float8 import float8_linear
+
+    from lightning_moe.upstream import torchao_float8_cast
+
+    assert torchao_float8_cast() is float8_linear.hp_tensor_to_float8_dynamic
+
+
+def test_compile_cache_counts_read_the_counters_inductor_and_aot_autograd_keep():
+    from torch._dynamo.utils import counters
+
+    from lightning_moe.upstream import compile_cache_counts
+
+    counters.clear()
+    counters["inductor"]["fxgraph_cache_hit"] += 2
+    counters["aot_autograd"]["autograd_cache_miss"] += 1
+    assert compile_cache_counts() == {"fx_graph_hits": 2, "fx_graph_misses": 0, "autograd_cache_hits": 0,
+                                      "autograd_cache_misses": 1}
+    counters.clear()

@@ -70,6 +70,21 @@ def check_liger(model_type: str, accelerator: str, cuda_available: bool) -> None
                           f"(supported: {', '.join(sorted(liger_model_types()))}); set it to false")
 
 
+def check_fp8(accelerator: str, cuda_available: bool, capability: tuple[int, int] | None, device_name: str) -> None:
+    """model.base_precision=fp8: torch._scaled_mm's FP8 tensor cores (compute capability >= 8.9) and torchao."""
+    if accelerator == "cpu" or not cuda_available:
+        raise ConfigError("model.base_precision: fp8 needs a CUDA GPU with FP8 tensor cores (compute capability >= "
+                          "8.9: Ada, Hopper); this run has none: use model.base_precision=bf16")
+    if capability is not None and tuple(capability) < (8, 9):
+        raise ConfigError(f"model.base_precision: fp8 needs compute capability >= 8.9 (Ada, Hopper); {device_name} "
+                          f"has {capability[0]}.{capability[1]}: use model.base_precision=bf16")
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.base_precision: fp8 needs torchao (pip install torchao>=0.17): "
+                          "or use model.base_precision=bf16") from None
+
+
 def check_varlen() -> None:
     """model.attn_implementation=varlen runs torch's varlen FlashAttention (torch >= 2.10)."""
     try:
@@ -109,6 +124,9 @@ def check_before_weights(cfg: DictConfig, sections: Sections, training: bool = T
     check_precision(str(trainer.get("precision", "32-true")), accelerator, cuda, cuda and torch.cuda.is_bf16_supported())
     if sections.model.liger_kernel:
         check_liger(model_config.model_type, accelerator, cuda)
+    if sections.model.base_precision == "fp8":
+        check_fp8(accelerator, cuda, torch.cuda.get_device_capability() if cuda else None,
+                  torch.cuda.get_device_name() if cuda else "cpu")
     if sections.model.offload_activations and (accelerator == "cpu" or not cuda):
         raise ConfigError("model.offload_activations: moves activations from a CUDA GPU to CPU memory; this run "
                           "has no CUDA GPU: set model.offload_activations=false")

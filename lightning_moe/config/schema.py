@@ -46,12 +46,24 @@ class ModelConfig:
     # keep the activations saved for the backward pass (with checkpointing: each layer's input) in pinned CPU
     # memory, copied on a side stream: the memory floor for long rows or small GPUs, at a measured speed cost; CUDA
     offload_activations: bool = False
+    # bf16 | fp8: the frozen base projections under LoRA run their forward and input-gradient matmuls in FP8
+    # (torchao's float8 training, e4m3 forward, e5m2 gradients; lightning_moe/models/fp8.py); the adapters, experts,
+    # routers and lm_head stay in model.dtype / float32. fp8 needs a GPU of compute capability >= 8.9 (Ada, Hopper),
+    # model.dtype=bfloat16 and LoRA; measured: MOE_TRAINING_GUIDE.md section 8
+    base_precision: str = "bf16"
+    # with base_precision=fp8: cast each frozen weight to FP8 once and keep the copy (N more bytes: 11.4 GiB for the
+    # 12B) instead of in every forward and backward (false: no memory beyond bf16's)
+    fp8_weight_cache: bool = False
     load_in_4bit: bool = False  # QLoRA: bitsandbytes 4-bit base weights (CUDA only)
     liger_kernel: bool = False  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA
     # torch.compile for training, per decoder layer (lightning_moe/models/compilation.py): none | layers (those
     # without an MoE block) | moe (the MoE blocks alone) | all (every layer, MoE included); measured: guide section 8.
     # With liger_kernel, a compiled model keeps Liger's fused cross-entropy only (inductor fuses the rest)
     compile: str = "none"
+    # where model.compile keeps torch's compile caches (inductor's FX graphs, AOTAutograd's, Triton's kernels), so a
+    # resume or the next run that names the same folder starts warm; null: <run_dir>/compile_cache (travels with the
+    # run). A folder shared by runs of one recipe warms their first start too
+    compile_cache_dir: Optional[str] = None
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation, for debugging)
     compile_mode: Optional[str] = None  # torch.compile's mode: null (default) | max-autotune-no-cudagraphs | ...
     bnb_4bit_quant_type: str = "nf4"

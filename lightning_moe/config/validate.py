@@ -100,6 +100,11 @@ def _model(sec: Sections) -> None:
         one_of(getattr(m, key), DTYPES, f"model.{key}")
     one_of(m.bnb_4bit_quant_type, ("nf4", "fp4"), "model.bnb_4bit_quant_type")
     one_of(m.compile, COMPILE_SCOPES, "model.compile")
+    one_of(m.base_precision, ("bf16", "fp8"), "model.base_precision")
+    if m.base_precision == "fp8":  # models/fp8.py: FP8 matmuls for the frozen projections peft wraps
+        check(lo.enabled, "model.base_precision", "fp8 runs the frozen base under LoRA's wrappers: enable lora")
+        check(not m.load_in_4bit, "model.base_precision", "fp8 and model.load_in_4bit=true exclude each other")
+        check(m.dtype == "bfloat16", "model.base_precision", f"fp8 needs model.dtype=bfloat16, got {m.dtype}")
     if m.gradient_checkpointing_layers is not None:
         check(m.gradient_checkpointing, "model.gradient_checkpointing_layers",
               "set, but model.gradient_checkpointing is false")

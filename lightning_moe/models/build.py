@@ -27,7 +27,7 @@ from lightning_moe.models.lora import apply_lora
 from lightning_moe.moe.inject import inject_moe
 from lightning_moe.moe.layer import MoEBlock, RoutingContext
 from lightning_moe.paths import resolve_path
-from lightning_moe.upstream import disable_bnb_cpu_packing
+from lightning_moe.upstream import compile_cache_counts, disable_bnb_cpu_packing
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -93,6 +93,10 @@ def build_model(
         if moe.enabled:
             layers = resolve_moe_layers(moe, config.num_hidden_layers)
             blocks = inject_moe(model, layers, context, moe, config.hidden_size, config.num_hidden_layers)
+        if training and m.base_precision == "fp8":  # after peft and the experts: only LoRA's frozen bases
+            from lightning_moe.models.fp8 import convert_frozen_base_to_fp8
+
+            convert_frozen_base_to_fp8(model, cache_weights=m.fp8_weight_cache)
         if training:  # generation's growing KV cache would recompile at every length: training only
             compile_model(model, m.compile, m.compile_backend, m.compile_mode)
     model.train(training)
@@ -124,6 +128,8 @@ def describe_model(model: torch.nn.Module, blocks: list[MoEBlock], m: ModelConfi
         "total_params": sum(p.numel() for p in params),
         "moe_layers": [b.layer_idx for b in blocks],
         "checkpointed_layers": checkpointed_layers(model),
+        **({"compile_cache": compile_cache_counts()} if m.compile != "none" else {}),
+        "fp8_modules": sum(type(mod).__name__ == "FrozenFloat8Linear" for mod in model.modules()),
         "linear_4bit_modules": sum(type(mod).__name__ == "Linear4bit" and not hasattr(mod, "base_layer")
                                    for mod in model.modules()),
     }

@@ -27,6 +27,7 @@ from lightning_moe.checkpointing.resume import find_resume_checkpoint
 from lightning_moe.config.schema import Sections
 from lightning_moe.data.datamodule import ChatDataModule
 from lightning_moe.checkpointing.trained import export_trainable
+from lightning_moe.models.compilation import persist_compile_caches
 from lightning_moe.models.tokenizer import load_tokenizer
 from lightning_moe.reporting.console import run_report
 from lightning_moe.reporting.record import write_command_record
@@ -104,6 +105,8 @@ def _run_locked(cfg: DictConfig, sections: Sections, hf_config, run_dir: Path, s
     datamodule.setup("fit")  # bad rows fail here, before the model or the run's record is touched
     _warn_if_validation_never_runs(cfg)
     module = MoELoRAModule(sections, hf_config, vocab_size=len(tokenizer), seed=cfg.seed)
+    if sections.model.compile != "none":  # compiled code outlives the process: a resume or rerun starts warm
+        persist_compile_caches(sections.model.compile_cache_dir or run_dir / "compile_cache")
 
     # SigtermSync is not a config choice: without it a SIGTERM can hang a DDP run (sigterm.py says how)
     callbacks = [*instantiate_all(cfg.get("callbacks")), _RecordConfig(cfg, run_dir), SigtermSync()]
