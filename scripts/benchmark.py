@@ -6,7 +6,7 @@
     python scripts/benchmark.py --out /tmp/b --recipe none --arch tiny-mistral --seq 128 --only plain,moe   # CPU
 
 Variants, each in its own process (so each peak memory is its own), no download (random weights built from
-lightning_moe/architectures/, the bundled tokenizer):
+lightning_moe/models/architectures/, the bundled tokenizer):
   plain_liger  (a') the strongest hand-written loop: transformers + PEFT + Liger, micro-batch 2, no checkpointing
   multiseg     (b) synthetic conversations of ~140-1000 tokens packed several a row (rows of seq, micro-batches of
                4 x seq tokens), the recipe's varlen attention; multiseg_sdpa: SDPA's block-diagonal mask instead;
@@ -201,8 +201,9 @@ def train_args(name: str, a, out: Path, label: str | None = None) -> list[str] |
         model_dir = a.scratch / f"random-{a.arch}"  # 24 GB for the 12B: not beside the results
         if not (model_dir / "config.json").exists():
             subprocess.run([sys.executable, __file__, "--_save-random", str(model_dir), "--arch", a.arch], check=True)
-        recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={model_dir}", "model.tokenizer=data/tokenizer",
-                  "model.gradient_checkpointing=true", "data.batch_size=1"]
+        recipe = ["+recipe=therapeutic_qlora", f"model.name_or_path={model_dir}",
+                  "model.tokenizer=lightning_moe/assets/tokenizer", "model.gradient_checkpointing=true",
+                  "data.batch_size=1"]
         extra = ["model.upcast_non_quantized=true"] if name == "qlora_upcast" else []
     elif name.startswith("multiseg"):  # synthetic conversations of ~140-1000 tokens (~560), packed several a row
         data = synthetic_conversations(out / "synthetic_short.jsonl", 4000, max(8, seq // 6),

@@ -54,7 +54,7 @@ def _cached_config(repo_id: str, revision: str | None) -> str | None:
 
 
 def _unavailable(m: ModelConfig, reason: str) -> WeightsUnavailable:
-    arch = m.arch or "an architecture json in lightning_moe/architectures/"
+    arch = m.arch or "an architecture json in lightning_moe/models/architectures/"
     return WeightsUnavailable(
         f"cannot load the weights of model '{m.name_or_path}': {reason}.\n"
         f"  - point at a local copy:        model.name_or_path=/path/to/{Path(m.name_or_path).name}\n"

@@ -33,8 +33,9 @@ class RunFailure(Exception):
 class ModelConfig:
     name_or_path: Optional[str] = None  # HF Hub id or local directory with config.json + weights
     init: str = "pretrained"  # pretrained: load weights; random: same architecture, random weights, no download
-    arch: Optional[str] = None  # architecture json (lightning_moe/architectures/NAME.json) used by init=random
-    tokenizer: Optional[str] = None  # null: the model's own; falls back to data/tokenizer for init=random
+    arch: Optional[str] = None  # architecture json (lightning_moe/models/architectures/NAME.json) used by init=random
+    # null: the model's own, falling back to the bundled one (lightning_moe/assets/tokenizer/) for init=random
+    tokenizer: Optional[str] = None
     dtype: str = "float32"  # dtype of the frozen base weights; trainable weights stay float32
     # sdpa | eager | flex_attention | varlen: packed rows through torch's variable-length FlashAttention, each
     # conversation its own span and no mask (lightning_moe/models/varlen.py; padded batches and generation: SDPA)

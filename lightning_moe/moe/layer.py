@@ -44,7 +44,7 @@ class RouterRecord:
 
 @dataclass
 class GenerationRouting:
-    """Routing metadata for generation (lightning_moe/generation/routing.py sets it), so that generating routes as
+    """Routing metadata for generation (lightning_moe/generation/generate.py sets it), so that generating routes as
     training did. Positions are within each (left-padded) row of the prompt batch.
 
     prompt_units (B, P): the routing unit of each prompt token (-1 for padding); final_unit (B,): the unit of the
