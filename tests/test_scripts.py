@@ -44,7 +44,8 @@ def test_lightning_job_command_is_a_valid_resumable_run(tmp_path, capsys):
 
 def test_benchmark_qlora_variants_name_a_tokenizer_that_loads(tmp_path, monkeypatch):
     """The QLoRA variants run on a GPU only, so nothing else runs their command; its overrides must at least
-    compose, validate and find their tokenizer (they once named `data/tokenizer`, which had moved into the package)."""
+    compose, validate and find their tokenizer (they once named its old folder under data/, long moved into
+    the package)."""
     from argparse import Namespace
 
     from lightning_moe.models.tokenizer import load_tokenizer
