@@ -74,7 +74,7 @@ REAL_DATA = ["data/generated/counsel_chat.jsonl", "data/generated/esconv.jsonl"]
 
 
 def architecture_config(arch: str):
-    from lightning_moe.config.architecture import resolve_model_config
+    from lightning_moe.models.architecture import resolve_model_config
     from lightning_moe.config.schema import ModelConfig
 
     return resolve_model_config(ModelConfig(init="random", arch=arch))

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import REPO, compose
-from lightning_moe.config.prechecks import check_before_weights
 from lightning_moe.config.validate import validate_config
 from lightning_moe.data.chat import ChatRenderer
 from lightning_moe.data.collate import ChatCollator
 from lightning_moe.models.compilation import compiled_modules
+from lightning_moe.models.prechecks import check_before_weights
 from lightning_moe.moe.layer import MoEBlock
 from lightning_moe.training.module import MoELoRAModule
 

@@ -10,11 +10,11 @@ from conftest import compose
 
 from lightning_moe.checkpointing.load import LoadPlan, TrainedRun
 from lightning_moe.config import validate_config
-from lightning_moe.config.architecture import resolve_model_config
 from lightning_moe.data.chat import ChatRenderer
 from lightning_moe.data.collate import routing_units
 from lightning_moe.generation.generate import Generator, Sampling
 from lightning_moe.generation.prompts import render_prompt
+from lightning_moe.models.architecture import resolve_model_config
 from lightning_moe.models.build import build_model
 from lightning_moe.moe.layer import RoutingContext
 

@@ -15,7 +15,7 @@ from conftest import FAST, REPO, clean_env, read_summary, run_guarded, run_train
 
 from lightning_moe.checkpointing.io import AtomicCheckpointIO
 from lightning_moe.checkpointing.resume import find_resume_checkpoint
-from lightning_moe.config.prechecks import check_precision
+from lightning_moe.models.prechecks import check_precision
 
 FAULT_ENV = clean_env(PYTHONPATH=str(REPO / "tests"))
 # 16 micro-batches = 8 optimizer steps at accumulation 2; validation after micro-batch 9 (step 5); periodic

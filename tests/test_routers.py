@@ -320,7 +320,7 @@ def test_a_router_added_as_contributing_says_trains(monkeypatch):
     from conftest import compose
 
     from lightning_moe.config import registry
-    from lightning_moe.config.architecture import resolve_model_config
+    from lightning_moe.models.architecture import resolve_model_config
     from lightning_moe.models.build import build_model
     from lightning_moe.models.flops import count_flops, nominal_active_experts
     from lightning_moe.moe.metrics import RoutingTally

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_moe.config.architecture import decoder_layers, ffn_of
+from lightning_moe.models.layout import decoder_layers, ffn_of
 from lightning_moe.moe.layer import MoEBlock, RoutingContext, build_block
 from lightning_moe.moe.routers import build_router
 
