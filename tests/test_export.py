@@ -127,7 +127,7 @@ def test_per_domain_adapters_equal_the_moe_model_for_each_domain_and_the_router_
 def test_formats_a_form_cannot_produce_are_refused_naming_the_forms_that_can():
     from conftest import compose
 
-    from lightning_moe.config import validate_config
+    from lightning_moe.config import registry, validate_config
 
     def sections(*o):
         return validate_config(compose(list(o)))
@@ -142,6 +142,16 @@ def test_formats_a_form_cannot_produce_are_refused_naming_the_forms_that_can():
             check_format("per_domain", sections(*overrides))
         assert "+recipe=servable_tiny" in str(err.value)
     check_format("per_domain", sections("+recipe=servable_tiny"))
+    # every registered form and router but the servable ones, each swapped into the servable recipe: refused,
+    # naming it (a newly registered one is checked here without editing a list)
+    for key, names, servable in (("moe.expert", registry.EXPERTS, "lora"), ("moe.router", registry.ROUTERS, "topk")):
+        for name in sorted(set(names) - {servable}):
+            try:
+                run = sections("+recipe=servable_tiny", f"{key}={name}", "moe.top_k=1")
+            except ConfigError:
+                continue  # no run trains so (expert choice routes tokens within a sequence): nothing to export
+            with pytest.raises(ConfigError, match=f"{key}={name}".replace(".", r"\.")):
+                check_format("per_domain", run)
     with pytest.raises(ConfigError, match="format: 'gguf' is not one of"):
         check_format("gguf", sections())
 
