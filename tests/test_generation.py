@@ -58,6 +58,10 @@ def trained_like(overrides: list[str], tokenizer) -> TrainedRun:
 
 @pytest.mark.parametrize("overrides", [c[0] for c in CASES], ids=[c[1] for c in CASES])
 def test_greedy_generation_with_the_cache_equals_full_recompute(tokenizer, overrides):
+    assert_cache_equals_recompute(overrides, tokenizer)
+
+
+def assert_cache_equals_recompute(overrides: list[str], tokenizer) -> None:
     gen = Generator(trained_like(overrides, tokenizer))
     prompts = [gen.render(m, 12) for m in CONVERSATIONS]  # a batch of two: left padding
     cached = gen.generate(prompts, Sampling(max_new_tokens=12), use_cache=True)

@@ -69,7 +69,11 @@ def _router(name: str, **extra):
 @pytest.mark.parametrize("name, extra", ROUTER_CASES,
                          ids=[n + "".join(f"-{v}" for v in x.values()) for n, x in ROUTER_CASES])
 def test_router_gates_pass_gradcheck_in_float64(name, extra):
-    router = _router(name, **extra).double()
+    assert_gates_pass_gradcheck(_router(name, **extra))
+
+
+def assert_gates_pass_gradcheck(router) -> None:
+    router = router.double()
     x = torch.randn(8, H, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(8, dtype=torch.bool)
     # gradcheck perturbs its inputs in place, router.weight included
@@ -307,45 +311,44 @@ def test_moe_config_combinations_are_validated(overrides, key):
         validate_config(compose(overrides))
 
 
-class UniformRouter(TopKRouter):
-    """A router added the way CONTRIBUTING.md says: its own class with from_config, nothing else of the project
-    changed. Every expert at weight 1/E (a deliberately trivial rule)."""
-
-    @classmethod
-    def from_config(cls, hidden_size, moe):
-        return cls(hidden_size, moe.num_experts, moe.num_experts, moe.router_init_std)
-
-    @staticmethod
-    def nominal_active_experts(moe) -> float:
-        return float(moe.num_experts)
-
-
-def test_a_router_added_as_contributing_says_trains(monkeypatch):
-    """CONTRIBUTING.md's three steps: the class (above), one registry line, the schema (UniformRouter needs no new
-    knobs). Validation accepts it, the model builds it, losses, metrics and the FLOP count see it."""
+def test_a_router_added_as_contributing_says_trains_and_passes_the_router_tests(monkeypatch, tokenizer):
+    """CONTRIBUTING.md's "Adding a router", step by step: the class in its own file, written from Router
+    (tests/contributed_router.py); one registry line; no schema knobs (it needs none); then what step 5 promises
+    every registered router: validation accepts it, the model builds and trains with it, losses, metrics and the
+    FLOP count see it, its gates pass the float64 gradcheck and generation with the KV cache equals recompute."""
     from conftest import compose
+    from contributed_router import SigmoidTop1Router
+    from test_generation import assert_cache_equals_recompute
 
-    from lightning_moe.config import registry
     from lightning_moe.models.architecture import resolve_model_config
     from lightning_moe.models.build import build_model
     from lightning_moe.models.flops import count_flops, nominal_active_experts
     from lightning_moe.moe.metrics import RoutingTally
 
     with pytest.raises(ConfigError, match="moe.router"):
-        validate_config(compose(["moe.router=uniform"]))
-    monkeypatch.setitem(registry.ROUTERS, "uniform", f"{__name__}:UniformRouter")
-    s = validate_config(compose(["moe.router=uniform", "moe.expert_dim=8"]))
+        validate_config(compose(["moe.router=sigmoid_top1"]))
+    monkeypatch.setitem(registry.ROUTERS, "sigmoid_top1", "contributed_router:SigmoidTop1Router")  # step 2
+    s = validate_config(compose(["moe.router=sigmoid_top1", "moe.expert_dim=8"]))
     ctx = RoutingContext()
-    model, blocks = build_model(s.model, s.lora, s.moe, resolve_model_config(s.model), ctx, 2048)
-    assert all(type(b.router).__name__ == "UniformRouter" for b in blocks)
-    ids = torch.randint(0, 2000, (2, 16))
-    ctx.start()
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    records = ctx.stop()
-    loss.backward()
-    assert len(records) == 4 and all(r.router.weight.grad is None or torch.isfinite(r.router.weight.grad).all()
-                                     for r in records)
+    model, blocks = build_model(s.model, s.lora, s.moe, resolve_model_config(s.model), ctx, len(tokenizer))
+    assert all(type(b.router) is SigmoidTop1Router for b in blocks)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    losses = []
+    for _ in range(3):  # trains: the loss moves, the router's weights get finite gradients
+        ctx.start()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        records = ctx.stop()
+        loss.backward()
+        assert all(torch.isfinite(b.router.weight.grad).all() for b in blocks)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
     tally = RoutingTally(4, s.domains, s.moe.top_k)
     tally.add(records)
-    assert tally.per_layer()["layer0"]["active_experts"] == 4  # every expert, as the rule says
-    assert nominal_active_experts(s.moe) == 4 and count_flops(model, resolve_model_config(s.model), 4)
+    assert tally.per_layer()["layer0"]["active_experts"] == 1  # one expert a token, as the rule says
+    assert nominal_active_experts(s.moe) == 1 and count_flops(model, resolve_model_config(s.model), 1)
+
+    assert_gates_pass_gradcheck(build_router(H, MoEConfig(router="sigmoid_top1", num_experts=E, router_init_std=1.0)))
+    assert_cache_equals_recompute(["moe.router=sigmoid_top1"], tokenizer)
