@@ -94,7 +94,7 @@ class DataConfig:
 class LoRAConfig:
     enabled: bool = True
     r: int = 16
-    alpha: int = 32
+    alpha: int = 32  # LoRA's scale is alpha / r
     dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))  # or [all-linear]
     bias: str = "none"
@@ -103,7 +103,7 @@ class LoRAConfig:
 @dataclass
 class MoEConfig:
     enabled: bool = True
-    num_experts: int = 4
+    num_experts: int = 4  # one per entry of `domains` when domain_loss_coef > 0 (domain i is expert i)
     top_k: int = 2  # experts per token (topk, deepseek); the static reference for dynamic routing
     layers: Optional[List[int]] = None  # decoder-layer indices (negative counts from the end); null: spread
     num_layers: int = 4  # with layers=null: this many layers evenly spread over the depth
@@ -129,9 +129,10 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0  # deepseek: scale of the routed output
     # experts
     expert: str = "adapter"  # adapter | lora | upcycled
-    expert_dim: int = 64  # adapter bottleneck width
+    expert_dim: int = 64  # adapter bottleneck width; an expert has ~3 * hidden * expert_dim parameters
     lora_r: int = 8  # lora experts / upcycled-through-LoRA: rank per expert
     lora_alpha: float = 16.0
+    # the MLP projections LoRA experts adapt; Phi-3 fuses gate and up: [gate_up_proj, down_proj]
     lora_targets: List[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
     upcycle_train: str = "lora"  # upcycled copies: lora (frozen copies + per-expert LoRA) | full
     upcycle_noise: float = 0.0  # Gaussian noise on the copies, as a fraction of each weight's std
@@ -157,11 +158,11 @@ class OptimConfig:
     # the memory floor, with QLoRA or offloading
     name: str = "adamw"
     lr: float = 3e-4
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # on matrices only; biases and vectors get none
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     fused: Optional[bool] = None  # null: fused AdamW on CUDA, foreach elsewhere
-    scheduler: str = "cosine"
+    scheduler: str = "cosine"  # cosine | linear | constant, after warmup_steps of linear warm-up
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # floor of the cosine schedule as a fraction of lr
     budget_aware_schedule: bool = False  # size the schedule from the wall-clock budget (callbacks.budget)
