@@ -181,6 +181,7 @@ def test_resuming_onto_another_base_model_is_refused_before_weights_load(trained
     assert not report["weights_built"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_non_finite_gradients_are_skipped_then_stop_and_never_reach_checkpoints(tmp_path, policy):
     run_dir = tmp_path / "run"
@@ -271,6 +272,7 @@ def test_optuna_sweep_resumes_its_study(tmp_path):
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 3  # the resumed run proposed new ones
 
 
+@pytest.mark.slow
 def test_optuna_sweep_records_a_failing_trial_and_goes_on(tmp_path):
     sweep = tmp_path / "optuna"
     out = run_train("-m", "+sweep=optuna", "hydra.sweeper.n_trials=2", "moe.top_k=9",  # an invalid config
@@ -281,6 +283,7 @@ def test_optuna_sweep_records_a_failing_trial_and_goes_on(tmp_path):
         assert [r["stop_reason"] for r in csv.DictReader(f)] == ["error", "error"]
 
 
+@pytest.mark.slow
 def test_optuna_sweep_stopped_by_its_failure_rate_still_writes_the_sweep_table(tmp_path):
     sweep = tmp_path / "optuna"
     out = run_train("-m", "+sweep=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.max_failure_rate=0",
@@ -291,6 +294,7 @@ def test_optuna_sweep_stopped_by_its_failure_rate_still_writes_the_sweep_table(t
     assert [r["stop_reason"] for r in rows] == ["error"] and "moe.top_k" in rows[0]["error"]
 
 
+@pytest.mark.slow
 def test_secrets_never_reach_configs_logs_or_summary(tmp_path):
     secrets = {"WANDB_API_KEY": "wk-SECRET-1234567890", "HF_TOKEN": "hf_SECRET_0987654321"}
     run_dir = tmp_path / "run"

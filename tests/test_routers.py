@@ -263,6 +263,7 @@ def test_one_block_captures_as_a_single_graph(router_name, form):
     assert len(ctx.stop()) == 2 and block.router.weight.grad is not None  # the compiled call and the eager one
 
 
+@pytest.mark.slow
 def test_default_block_compiles_with_inductor():
     block, ctx, _ = _block()
     x = torch.randn(2, 8, H)
