@@ -353,3 +353,24 @@ def test_a_router_added_as_contributing_says_trains_and_passes_the_router_tests(
 
     assert_gates_pass_gradcheck(build_router(H, MoEConfig(router="sigmoid_top1", num_experts=E, router_init_std=1.0)))
     assert_cache_equals_recompute(["moe.router=sigmoid_top1"], tokenizer)
+
+
+def test_tied_router_blocks_are_built_leading_and_following(tokenizer):
+    """moe.tied_router: the first block decides for every layer; the others are built following it, with their
+    own routers frozen (unused), and route each conversation to the leader's expert."""
+    from conftest import compose
+
+    from lightning_moe.models.architecture import resolve_model_config
+    from lightning_moe.models.build import build_model
+
+    s = validate_config(compose(["moe=sequence", "moe.tied_router=true", "moe.expert_dim=8"]))
+    ctx = RoutingContext()
+    model, blocks = build_model(s.model, s.lora, s.moe, resolve_model_config(s.model), ctx, len(tokenizer))
+    assert [b.tied for b in blocks] == ["leads"] + ["follows"] * (len(blocks) - 1)
+    assert [b.router.weight.requires_grad for b in blocks] == [True] + [False] * (len(blocks) - 1)
+    ids = torch.randint(0, len(tokenizer), (2, 12))
+    ctx.start()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    ctx.stop()
+    assert ctx.tied_gates is not None and ctx.tied_gates.shape == (2, s.moe.num_experts)

@@ -20,11 +20,9 @@ def inject_moe(model: nn.Module, layer_indices: list[int], context: RoutingConte
         mlp = ffn_of(layer)
         name = next(n for n, m in layer.named_children() if m is mlp)
         router = build_router(hidden_size, moe)
-        block = build_block(mlp, router, i, context, moe, hidden_size)
-        if moe.tied_router:  # one decision per conversation for every MoE layer: the first block takes it
-            block.tied = "follows" if blocks else "leads"
-            if blocks:
-                block.router.requires_grad_(False)
+        # moe.tied_router: one decision per conversation for every MoE layer, taken by the first block
+        tied = ("follows" if blocks else "leads") if moe.tied_router else "none"
+        block = build_block(mlp, router, i, context, moe, hidden_size, tied)
         setattr(layer, name, block)
         blocks.append(block)
     return blocks
