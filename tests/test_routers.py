@@ -312,6 +312,7 @@ def test_moe_config_combinations_are_validated(overrides, key):
         validate_config(compose(overrides))
 
 
+@pytest.mark.slow  # trains and generates: ~25 s on a busy 2-core machine
 def test_a_router_added_as_contributing_says_trains_and_passes_the_router_tests(monkeypatch, tokenizer):
     """CONTRIBUTING.md's "Adding a router", step by step: the class in its own file, written from Router
     (tests/contributed_router.py); one registry line; no schema knobs (it needs none); then what step 5 promises
