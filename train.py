@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> float | None:
 
 def _run(cfg: DictConfig) -> dict:
     sections = validate_config(cfg)  # once, before torch is imported: a bad override costs a second
-    from lightning_moe.config.prechecks import check_before_weights
+    from lightning_moe.models.prechecks import check_before_weights
 
     hf_config = check_before_weights(cfg, sections)  # what needs the architecture, before Lightning or peft load
     from lightning_moe.training.pipeline import run

@@ -6,7 +6,7 @@
     python scripts/benchmark.py --out /tmp/b --recipe none --arch tiny-mistral --seq 128 --only plain,moe   # CPU
 
 Variants, each in its own process (so each peak memory is its own), no download (random weights built from
-lightning_moe/architectures/, the bundled tokenizer):
+lightning_moe/models/architectures/, the bundled tokenizer):
   plain_liger  (a') the strongest hand-written loop: transformers + PEFT + Liger, micro-batch 2, no checkpointing
   multiseg     (b) synthetic conversations of ~140-1000 tokens packed several a row (rows of seq, micro-batches of
                4 x seq tokens), the recipe's varlen attention; multiseg_sdpa: SDPA's block-diagonal mask instead;
@@ -91,7 +91,7 @@ REAL_DATA = ["data/generated/counsel_chat.jsonl", "data/generated/esconv.jsonl"]
 
 
 def architecture_config(arch: str):
-    from lightning_moe.config.architecture import resolve_model_config
+    from lightning_moe.models.architecture import resolve_model_config
     from lightning_moe.config.schema import ModelConfig
 
     return resolve_model_config(ModelConfig(init="random", arch=arch))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert counsel-chat into the project's chat JSONL (logic: lightning_moe/converters/counsel_chat.py).
+"""Convert counsel-chat into the project's chat JSONL (logic: lightning_moe/data/converters/counsel_chat.py).
 
 Example:
     python scripts/convert_counsel_chat.py --stats-json data/generated/counsel_chat.stats.json

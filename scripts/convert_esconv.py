@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert ESConv into the project's chat JSONL (logic: lightning_moe/converters/esconv.py).
+"""Convert ESConv into the project's chat JSONL (logic: lightning_moe/data/converters/esconv.py).
 
 ESConv is CC BY-NC 4.0 (non-commercial use only): it is read from ../shared/datasets/esconv and
 never copied into the repository; the output under data/generated/ is derived data under the same terms.

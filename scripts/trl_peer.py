@@ -59,7 +59,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from lightning_moe.config.architecture import resolve_model_config
+    from lightning_moe.models.architecture import resolve_model_config
     from lightning_moe.config.schema import ModelConfig
     from lightning_moe.models.flops import count_flops, dense_peak_flops
     from lightning_moe.models.tokenizer import load_tokenizer

@@ -38,7 +38,7 @@ def compose(overrides: list[str] | None = None, run_dir: str | Path = "/tmp/ligh
 
 
 def tiny_hf_config(arch: str = "tiny-mistral", **overrides):
-    from lightning_moe.config.architecture import resolve_model_config
+    from lightning_moe.models.architecture import resolve_model_config
     from lightning_moe.config.schema import ModelConfig
 
     cfg = resolve_model_config(ModelConfig(init="random", arch=arch))

@@ -74,3 +74,37 @@ class DiskFullAt(Callback):
                 raise OSError(errno.ENOSPC, "No space left on device")
 
             torch.save = full
+
+
+class FakeClock(Callback):
+    """Time as the budget sees it: the clock of Lightning's Timer, the Budget and the checkpoint writer stands
+    still except for `step_seconds` at the start of every training micro-batch, so how many steps a budget allows
+    depends on the budget's rules alone, not on how loaded the machine is. Only those modules see it: a frozen
+    `time.monotonic` everywhere would also freeze the timeouts of the dataloader's worker shutdown."""
+
+    def __init__(self, step_seconds: float = 1.0):
+        import math
+        import time
+
+        import lightning.pytorch.callbacks.timer as timer
+
+        import lightning_moe.checkpointing.io as io
+        import lightning_moe.training.callbacks.budget as budget
+
+        # a whole second to start from, so that differences of multiples of step_seconds (a power of two) are exact
+        self.step_seconds, self._fake, self._base = step_seconds, 0.0, float(math.ceil(time.monotonic()))
+        clock = self
+
+        class Time:  # the `time` module, with monotonic() read from this clock
+            def __getattr__(self, name):
+                return getattr(time, name)
+
+            @staticmethod
+            def monotonic() -> float:
+                return clock._base + clock._fake
+
+        for module in (timer, budget, io):
+            module.time = Time()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._fake += self.step_seconds

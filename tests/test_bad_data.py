@@ -220,6 +220,7 @@ def test_datamodule_counts_val_files_too(tokenizer, tmp_path):
     assert (len(dm.train_set), len(dm.val_set)) == (4, 1)
 
 
+@pytest.mark.slow
 def test_train_py_names_the_bad_row_or_skips_and_reports_it(tmp_path):
     """End to end: the default stops before training with file, row and problem; skip trains and reports."""
     good = (REPO / "data" / "therapeutic_sample.jsonl").read_bytes().splitlines()[:30]

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import REPO, compose
-from lightning_moe.config.prechecks import check_before_weights
 from lightning_moe.config.validate import validate_config
 from lightning_moe.data.chat import ChatRenderer
 from lightning_moe.data.collate import ChatCollator
 from lightning_moe.models.compilation import compiled_modules
+from lightning_moe.models.prechecks import check_before_weights
 from lightning_moe.moe.layer import MoEBlock
 from lightning_moe.training.module import MoELoRAModule
 
@@ -57,6 +57,7 @@ def test_compile_scopes_pick_whole_layers_and_split_a_checkpointed_moe_layer(tok
     assert compiled_modules(model, "all") == [layers[0], *layers[1].children(), layers[2], layers[3]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["all", "moe"])
 def test_compiled_training_equals_eager_and_recompiles_stop_growing(tokenizer, scope):
     from torch._dynamo.utils import counters

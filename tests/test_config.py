@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_moe.config import ConfigError, validate_config
-from lightning_moe.config.validate import resolve_moe_layers
+from lightning_moe.models.layout import resolve_moe_layers
 
 RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml"))
 
@@ -123,7 +124,7 @@ def test_moe_layer_out_of_range_is_named():
 
 
 def test_more_checkpointed_layers_than_the_model_has_is_named_before_weights():
-    from lightning_moe.config.prechecks import check_before_weights
+    from lightning_moe.models.prechecks import check_before_weights
 
     cfg = compose(["model.gradient_checkpointing=true", "model.gradient_checkpointing_layers=5"])
     with pytest.raises(ConfigError, match=r"model\.gradient_checkpointing_layers: 5 > the model's 4 decoder layers"):
@@ -137,6 +138,32 @@ def test_bad_override_fails_fast_from_the_command_line(tmp_path):
     assert "moe.top_k: 9 must be between 1 and moe.num_experts=4" in out.stderr
     assert not report["torch_imported"] and not report["weights_built"]
     assert not (Path(tmp_path) / "run" / "checkpoints").exists()
+
+
+# Imports every module of lightning_moe.config with torch and transformers made unimportable: config/ must not
+# reach the model stack, not even through a module that validation never happens to import.
+_BLOCKED_IMPORT = """
+import importlib, pkgutil, sys
+
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"lightning_moe.config imported {name}")
+
+sys.meta_path.insert(0, Blocked())
+import lightning_moe.config as config
+names = [m.name for m in pkgutil.walk_packages(config.__path__, "lightning_moe.config.")]
+for name in names:
+    importlib.import_module(name)
+print(len(names))
+"""
+
+
+def test_every_config_module_imports_without_torch_or_transformers():
+    out = subprocess.run([sys.executable, "-c", _BLOCKED_IMPORT], cwd=REPO, env=clean_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout) == len(list((REPO / "lightning_moe" / "config").glob("[!_]*.py")))
 
 
 def test_trainer_callbacks_and_loggers_instantiate(tmp_path):

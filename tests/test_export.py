@@ -3,6 +3,7 @@ per domain with its router, each giving exactly the trained model's logits; stop
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -81,6 +82,15 @@ def test_merged_and_peft_exports_load_with_plain_transformers_and_peft_to_the_sa
 
 
 @pytest.mark.slow
+def _choose(expert: int):
+    """A forward hook that makes a router choose `expert` for every unit, with gate 1 (what top-1 gives it)."""
+    def hook(router, args, out):
+        gates = torch.zeros_like(out.gates)
+        gates[:, expert] = 1.0
+        return dataclasses.replace(out, gates=gates, selected=gates.bool())
+    return hook
+
+
 def test_per_domain_adapters_equal_the_moe_model_for_each_domain_and_the_router_agrees(tmp_path):
     from peft import PeftModel
 
@@ -105,13 +115,13 @@ def test_per_domain_adapters_equal_the_moe_model_for_each_domain_and_the_router_
         adapter = json.loads((tmp_path / "exp" / name / "adapter_config.json").read_text())
         assert adapter["r"] == manifest["rank"] and not adapter.get("modules_to_save")
         peft = PeftModel.from_pretrained(base, tmp_path / "exp" / name).eval()
-        trained.routing.forced_expert = e
+        hook = trained.blocks[0].router.register_forward_hook(_choose(e))  # the tied router decides for all layers
         with torch.no_grad():
             for x in ids:
                 torch.testing.assert_close(peft(input_ids=x).logits, trained.model(input_ids=x).logits,
                                            rtol=1e-4, atol=1e-4)
+        hook.remove()
         base = peft.unload()
-    trained.routing.forced_expert = None
 
     base.save_pretrained(tmp_path / "base")  # the random base, as a served one would be on disk
     router = Router(tmp_path / "exp", str(tmp_path / "base"))
@@ -127,7 +137,7 @@ def test_per_domain_adapters_equal_the_moe_model_for_each_domain_and_the_router_
 def test_formats_a_form_cannot_produce_are_refused_naming_the_forms_that_can():
     from conftest import compose
 
-    from lightning_moe.config import validate_config
+    from lightning_moe.config import registry, validate_config
 
     def sections(*o):
         return validate_config(compose(list(o)))
@@ -142,6 +152,16 @@ def test_formats_a_form_cannot_produce_are_refused_naming_the_forms_that_can():
             check_format("per_domain", sections(*overrides))
         assert "+recipe=servable_tiny" in str(err.value)
     check_format("per_domain", sections("+recipe=servable_tiny"))
+    # every registered form and router but the servable ones, each swapped into the servable recipe: refused,
+    # naming it (a newly registered one is checked here without editing a list)
+    for key, names, servable in (("moe.expert", registry.EXPERTS, "lora"), ("moe.router", registry.ROUTERS, "topk")):
+        for name in sorted(set(names) - {servable}):
+            try:
+                run = sections("+recipe=servable_tiny", f"{key}={name}", "moe.top_k=1")
+            except ConfigError:
+                continue  # no run trains so (expert choice routes tokens within a sequence): nothing to export
+            with pytest.raises(ConfigError, match=f"{key}={name}".replace(".", r"\.")):
+                check_format("per_domain", run)
     with pytest.raises(ConfigError, match="format: 'gguf' is not one of"):
         check_format("gguf", sections())
 

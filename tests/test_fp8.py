@@ -8,7 +8,7 @@ import torch
 from conftest import compose, run_guarded, tiny_hf_config
 
 from lightning_moe.config import ConfigError, validate_config
-from lightning_moe.config.prechecks import check_fp8
+from lightning_moe.models.prechecks import check_fp8
 
 
 @pytest.mark.parametrize("overrides, message", [

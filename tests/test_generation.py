@@ -6,22 +6,31 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose
+from conftest import REPO, compose
 
 from lightning_moe.checkpointing.load import LoadPlan, TrainedRun
-from lightning_moe.config import validate_config
-from lightning_moe.config.architecture import resolve_model_config
+from lightning_moe.config import registry, validate_config
+from lightning_moe.config.schema import MoEConfig
 from lightning_moe.data.chat import ChatRenderer
 from lightning_moe.data.collate import routing_units
 from lightning_moe.generation.generate import Generator, Sampling
 from lightning_moe.generation.prompts import render_prompt
+from lightning_moe.models.architecture import resolve_model_config
 from lightning_moe.models.build import build_model
 from lightning_moe.moe.layer import RoutingContext
 
+
+def _registered(kind: str, names) -> list[tuple[list[str], str]]:
+    """Every registered router or expert form but the default's: its conf/moe group where it has one of its name
+    (with the knobs it ships with), else `moe.<kind>=NAME`; a newly registered one is covered without editing this."""
+    default = getattr(MoEConfig, kind)
+    return [([f"moe={n}"] if (REPO / "conf" / "moe" / f"{n}.yaml").exists() else [f"moe.{kind}={n}"], f"{kind}-{n}")
+            for n in names if n != default]
+
+
 CASES = [  # (overrides, id): every router, every expert form, every routing level
-    (["moe.router=topk"], "topk"), (["moe=switch"], "switch"), (["moe=expert_choice"], "expert_choice"),
-    (["moe=dynamic"], "dynamic"), (["moe=deepseek"], "deepseek"), (["moe=lora_experts"], "lora"),
-    (["moe=upcycled"], "upcycled"), (["moe=sequence"], "sequence"),
+    ([], "default"), *_registered("router", registry.ROUTERS), *_registered("expert", registry.EXPERTS),
+    (["moe=lora_experts"], "lora_experts"), (["moe=sequence"], "sequence"),
     (["moe=sequence", "moe.routing_level=turn"], "turn"),
     (["moe=sequence", "moe.routing_level=turn", "moe.pooling=last_turn"], "turn_last"),
 ]
@@ -49,6 +58,10 @@ def trained_like(overrides: list[str], tokenizer) -> TrainedRun:
 
 @pytest.mark.parametrize("overrides", [c[0] for c in CASES], ids=[c[1] for c in CASES])
 def test_greedy_generation_with_the_cache_equals_full_recompute(tokenizer, overrides):
+    assert_cache_equals_recompute(overrides, tokenizer)
+
+
+def assert_cache_equals_recompute(overrides: list[str], tokenizer) -> None:
     gen = Generator(trained_like(overrides, tokenizer))
     prompts = [gen.render(m, 12) for m in CONVERSATIONS]  # a batch of two: left padding
     cached = gen.generate(prompts, Sampling(max_new_tokens=12), use_cache=True)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import read_summary, run_train
 
-from lightning_moe.config.architecture import resolve_model_config
 from lightning_moe.config.schema import LoRAConfig, ModelConfig, MoEConfig
+from lightning_moe.models.architecture import resolve_model_config
 from lightning_moe.models.build import build_model
 from lightning_moe.moe.layer import RoutingContext
 

@@ -46,7 +46,7 @@ def test_liger_missing_on_a_gpu_machine_is_named_before_weights():
     import pytest
 
     from lightning_moe.config import ConfigError
-    from lightning_moe.config.prechecks import check_liger
+    from lightning_moe.models.prechecks import check_liger
 
     if importlib.util.find_spec("liger_kernel") is not None:
         pytest.skip("liger-kernel is installed here (a GPU install)")

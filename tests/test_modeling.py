@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import REPO, clean_env, run_guarded, tiny_model
 
-from lightning_moe.config.architecture import WeightsUnavailable, resolve_model_config
 from lightning_moe.config.schema import ConfigError, LoRAConfig, ModelConfig, MoEConfig
+from lightning_moe.models.architecture import WeightsUnavailable, resolve_model_config
 from lightning_moe.models.build import build_model
 from lightning_moe.models.flops import count_flops
-from lightning_moe.upstream import keep_lora_inputs_in_autocast_dtype
 from lightning_moe.moe.layer import MoEBlock, RoutingContext
+from lightning_moe.upstream import keep_lora_inputs_in_autocast_dtype
 
 WAYFARER = "LatitudeGames/Wayfarer-2-12B"
 

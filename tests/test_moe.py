@@ -9,8 +9,8 @@ from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter, load
 from transformers.models.switch_transformers.modeling_switch_transformers import router_z_loss_func
 
 from lightning_moe.config.schema import MoEConfig
-from lightning_moe.config.validate import spread_layers
-from lightning_moe.moe.inject import decoder_layers, inject_moe
+from lightning_moe.models.inject import inject_moe
+from lightning_moe.models.layout import decoder_layers, spread_layers
 from lightning_moe.moe.layer import MoEBlock, RouterRecord, RoutingContext
 from lightning_moe.moe.losses import domain_routing_loss, load_balancing_loss, loramoe_loss, router_z_loss
 from lightning_moe.moe.metrics import routing_counts, routing_metrics

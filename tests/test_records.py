@@ -106,6 +106,7 @@ def test_leftovers_of_a_killed_run_are_removed_and_progress_shows_in_a_log_file(
     assert "Tip:" not in out.stdout and "kernels-community" not in out.stdout  # third-party noise filtered
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["one_row", "no_validation"])
 def test_data_too_small_to_split_is_named_and_validation_that_never_runs_is_warned(tmp_path, case):
     if case == "one_row":

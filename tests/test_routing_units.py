@@ -8,9 +8,9 @@ import torch
 from conftest import compose
 
 from lightning_moe.config import validate_config
-from lightning_moe.config.architecture import resolve_model_config
 from lightning_moe.data.chat import IGNORE_INDEX, ChatRenderer
 from lightning_moe.data.collate import ChatCollator, routing_units
+from lightning_moe.models.architecture import resolve_model_config
 from lightning_moe.models.build import build_model
 from lightning_moe.moe.layer import RoutingContext
 

@@ -40,3 +40,27 @@ def test_lightning_job_command_is_a_valid_resumable_run(tmp_path, capsys):
     validate_config(cfg)
     assert (cfg.trainer.num_nodes, cfg.trainer.strategy, cfg.trainer.devices) == (2, "ddp", 8)
     assert cfg.optim.lr == 1e-4 and cfg.model.name_or_path == "LatitudeGames/Wayfarer-2-12B"
+
+
+def test_benchmark_qlora_variants_name_a_tokenizer_that_loads(tmp_path, monkeypatch):
+    """The QLoRA variants run on a GPU only, so nothing else runs their command; its overrides must at least
+    compose, validate and find their tokenizer (they once named its old folder under data/, long moved into
+    the package)."""
+    from argparse import Namespace
+
+    from lightning_moe.models.tokenizer import load_tokenizer
+
+    benchmark = _load_script("benchmark")
+    a = Namespace(recipe="therapeutic_h100_fast", arch="tiny-mistral", seq=64, warmup=1, micro_batches=1,
+                  scratch=tmp_path, profile=False, memory=False, override=[])
+    (tmp_path / "random-tiny-mistral").mkdir()
+    (tmp_path / "random-tiny-mistral" / "config.json").write_text("{}")  # the weights this variant would build
+    (tmp_path / "out").mkdir()
+    # the benchmark runs train.py, whose relative paths resolve against the project root, not the working directory
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LIGHTNING_MOE_ROOT", str(REPO))
+    for name in ("qlora", "qlora_upcast", "qlora_24gb_a"):
+        argv = benchmark.train_args(name, a, tmp_path / "out")
+        overrides = [x for x in argv[2:] if not x.startswith(("hydra.", "+callbacks.bench"))]
+        model = validate_config(compose(overrides)).model
+        assert load_tokenizer(model).chat_template, name

@@ -78,6 +78,7 @@ def test_ddp_on_two_cpu_processes_writes_one_run_dir_and_crosses_uneven_epochs_w
     assert any(abs(b) > 0 for layer in s["routing"].values() for b in layer["bias"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not COUNSEL_CHAT_CSV.is_file(), reason="../shared/datasets/counsel_chat is not beside the repo")
 def test_counsel_chat_converter_output_trains(tmp_path):
     converted = tmp_path / "counsel_chat.jsonl"
@@ -92,6 +93,7 @@ def test_counsel_chat_converter_output_trains(tmp_path):
     assert s["data"]["train"]["conversations"] + s["data"]["val"]["conversations"] == 2009
 
 
+@pytest.mark.slow
 def test_wandb_is_offline_without_a_key_and_packing_trains(tmp_path):
     run_dir = tmp_path / "run"
     out = run_train(f"hydra.run.dir={run_dir}", "logger=wandb", "data.packing=true", *FAST, timeout=180)
@@ -115,6 +117,7 @@ def test_time_budget_stops_with_a_checkpoint_of_the_final_step(tmp_path):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_qlora_through_train_py(tmp_path):
     """4-bit nf4 base (bitsandbytes on CPU) + LoRA + MoE, from a local model directory, with bitsandbytes' 8-bit
     AdamW (optim.name=adamw_8bit): the memory-floor pair."""
@@ -134,6 +137,7 @@ def test_qlora_through_train_py(tmp_path):
     assert any(m.dtype == torch.uint8 for m in moments)
 
 
+@pytest.mark.slow
 def test_recipe_training_path_bf16_fused_adamw_clipping_checkpointing(tmp_path):
     """therapeutic_h100's optimisation settings on the tiny architecture: bf16-mixed, fused AdamW with gradient
     clipping (which Lightning's mixed-precision plugin refuses on its own), selective activation checkpointing

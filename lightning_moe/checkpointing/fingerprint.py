@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lightning_moe.config.schema import ConfigError, Sections
-from lightning_moe.config.validate import resolve_moe_layers
+from lightning_moe.models.layout import resolve_moe_layers
 
 # config.json keys that do not change the architecture (and differ between a hub copy and a local one)
 _NOT_ARCHITECTURE = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache", "architectures",

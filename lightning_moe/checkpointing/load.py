@@ -23,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_moe.checkpointing.fingerprint import check_resumable
 from lightning_moe.checkpointing.io import load_checkpoint_file
 from lightning_moe.config import validate_config
-from lightning_moe.config.prechecks import check_before_weights
 from lightning_moe.config.schema import ConfigError, Sections
 from lightning_moe.models.build import build_model
+from lightning_moe.models.prechecks import check_before_weights
 from lightning_moe.models.tokenizer import load_tokenizer
 from lightning_moe.moe.layer import MoEBlock, RoutingContext
 

@@ -1,7 +1,9 @@
 """Configuration: the typed schemas (schema.py), the router/expert name registry (registry.py), the checks that
-need only the config (validate.py, torch-free) and those that need the architecture but no weights (prechecks.py).
+need only the config (validate.py).
 
-Importing this package imports no torch: train.py validates a config before the training stack loads.
+No module here imports torch or transformers (tests/test_config.py blocks them and imports every one): train.py
+validates a config before the training stack loads. The checks that need the architecture but no weights are in
+models/prechecks.py.
 """
 
 from lightning_moe.config.schema import ConfigError, Sections

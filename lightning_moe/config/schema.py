@@ -33,8 +33,9 @@ class RunFailure(Exception):
 class ModelConfig:
     name_or_path: Optional[str] = None  # HF Hub id or local directory with config.json + weights
     init: str = "pretrained"  # pretrained: load weights; random: same architecture, random weights, no download
-    arch: Optional[str] = None  # architecture json (lightning_moe/architectures/NAME.json) used by init=random
-    tokenizer: Optional[str] = None  # null: the model's own; falls back to data/tokenizer for init=random
+    arch: Optional[str] = None  # architecture json (lightning_moe/models/architectures/NAME.json) used by init=random
+    # null: the model's own, falling back to the bundled one (lightning_moe/assets/tokenizer/) for init=random
+    tokenizer: Optional[str] = None
     dtype: str = "float32"  # dtype of the frozen base weights; trainable weights stay float32
     # sdpa | eager | flex_attention | varlen: packed rows through torch's variable-length FlashAttention, each
     # conversation its own span and no mask (lightning_moe/models/varlen.py; padded batches and generation: SDPA)
@@ -105,7 +106,7 @@ class DataConfig:
 class LoRAConfig:
     enabled: bool = True
     r: int = 16
-    alpha: int = 32
+    alpha: int = 32  # LoRA's scale is alpha / r
     dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))  # or [all-linear]
     bias: str = "none"
@@ -114,7 +115,7 @@ class LoRAConfig:
 @dataclass
 class MoEConfig:
     enabled: bool = True
-    num_experts: int = 4
+    num_experts: int = 4  # one per entry of `domains` when domain_loss_coef > 0 (domain i is expert i)
     top_k: int = 2  # experts per token (topk, deepseek); the static reference for dynamic routing
     layers: Optional[List[int]] = None  # decoder-layer indices (negative counts from the end); null: spread
     num_layers: int = 4  # with layers=null: this many layers evenly spread over the depth
@@ -140,9 +141,10 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0  # deepseek: scale of the routed output
     # experts
     expert: str = "adapter"  # adapter | lora | upcycled
-    expert_dim: int = 64  # adapter bottleneck width
+    expert_dim: int = 64  # adapter bottleneck width; an expert has ~3 * hidden * expert_dim parameters
     lora_r: int = 8  # lora experts / upcycled-through-LoRA: rank per expert
     lora_alpha: float = 16.0
+    # the MLP projections LoRA experts adapt; Phi-3 fuses gate and up: [gate_up_proj, down_proj]
     lora_targets: List[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
     upcycle_train: str = "lora"  # upcycled copies: lora (frozen copies + per-expert LoRA) | full
     upcycle_noise: float = 0.0  # Gaussian noise on the copies, as a fraction of each weight's std
@@ -168,11 +170,11 @@ class OptimConfig:
     # the memory floor, with QLoRA or offloading
     name: str = "adamw"
     lr: float = 3e-4
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # on matrices only; biases and vectors get none
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     fused: Optional[bool] = None  # null: fused AdamW on CUDA, foreach elsewhere
-    scheduler: str = "cosine"
+    scheduler: str = "cosine"  # cosine | linear | constant, after warmup_steps of linear warm-up
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # floor of the cosine schedule as a fraction of lr
     budget_aware_schedule: bool = False  # size the schedule from the wall-clock budget (callbacks.budget)

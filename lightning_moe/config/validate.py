@@ -3,7 +3,7 @@
 Each owned section (model, data, lora, moe, optim) is merged into its dataclass schema, so a misspelt key or a
 wrong type is reported with its full key; then the cross-field rules, including the trainer values this project
 depends on. Every failure is a ConfigError naming the key (train.py exits with code 2). Checks that need the
-model's architecture or the device are in config/prechecks.py; entry points call this once, then those.
+model's architecture or the device are in models/prechecks.py; entry points call this once, then those.
 """
 
 from __future__ import annotations
@@ -222,26 +222,3 @@ def validate_config(cfg: DictConfig) -> Sections:
         rules(sec)
     _trainer(cfg)
     return sec
-
-
-def spread_layers(num_hidden_layers: int, count: int) -> list[int]:
-    """`count` layer indices evenly spread over the depth, centred in equal bands (40, 4 -> 5, 15, 25, 35)."""
-    count = min(count, num_hidden_layers)
-    return [int((i + 0.5) * num_hidden_layers / count) for i in range(count)]
-
-
-def resolve_moe_layers(moe: MoEConfig, num_hidden_layers: int) -> list[int]:
-    """The decoder-layer indices that get MoE blocks; raises ConfigError naming moe.layers when out of range."""
-    if moe.layers is None:
-        return spread_layers(num_hidden_layers, moe.num_layers)
-    out = []
-    for i in moe.layers:
-        check(
-            -num_hidden_layers <= i < num_hidden_layers,
-            "moe.layers",
-            f"index {i} is out of range for a model with {num_hidden_layers} decoder layers "
-            f"(allowed: {-num_hidden_layers}..{num_hidden_layers - 1})",
-        )
-        out.append(i % num_hidden_layers)
-    check(len(set(out)) == len(out), "moe.layers", f"{moe.layers} names a layer twice")
-    return sorted(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_moe.config.validate import spread_layers
+from lightning_moe.models.layout import spread_layers
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

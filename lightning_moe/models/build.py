@@ -18,13 +18,13 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from lightning_moe.config.schema import LoRAConfig, ModelConfig, MoEConfig
-from lightning_moe.config.validate import resolve_moe_layers
+from lightning_moe.models import varlen
 from lightning_moe.models.activation_checkpointing import checkpoint_only, checkpointed_layers
 from lightning_moe.models.compilation import compile_model
+from lightning_moe.models.inject import inject_moe
 from lightning_moe.models.kernels import apply_liger
-from lightning_moe.models import varlen
+from lightning_moe.models.layout import resolve_moe_layers
 from lightning_moe.models.lora import apply_lora
-from lightning_moe.moe.inject import inject_moe
 from lightning_moe.moe.layer import MoEBlock, RoutingContext
 from lightning_moe.paths import resolve_path
 from lightning_moe.upstream import compile_cache_counts, disable_bnb_cpu_packing

@@ -12,7 +12,7 @@ the tensor cores. Where the library stops, for a frozen weight, two pieces of gl
   bf16's. `model.fp8_weight_cache=true` casts each frozen weight once, at conversion (a non-persistent buffer:
   never in a checkpoint, moved with the module): no cast per micro-batch, N more bytes (11.4 GiB for the 12B).
 The bf16 weight stays (peft's merge, the experts' upcycling, the FLOP count and evaluation read it). Refused before
-weights on a CPU and on GPUs without FP8 (compute capability < 8.9): config/prechecks.py. Measured: guide section 8.
+weights on a CPU and on GPUs without FP8 (compute capability < 8.9): models/prechecks.py. Measured: guide section 8.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lightning_moe.config.architecture import missing_lora_targets
 from lightning_moe.config.schema import LoRAConfig
+from lightning_moe.models.architecture import missing_lora_targets
 
 
 def apply_lora(model: torch.nn.Module, lora: LoRAConfig) -> torch.nn.Module:

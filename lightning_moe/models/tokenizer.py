@@ -6,8 +6,8 @@ import logging
 
 from transformers import AutoTokenizer
 
-from lightning_moe.config.architecture import hub_reachable
 from lightning_moe.config.schema import ConfigError, ModelConfig
+from lightning_moe.models.architecture import hub_reachable
 from lightning_moe.paths import BUNDLED_TOKENIZER, resolve_path
 
 log = logging.getLogger(__name__)

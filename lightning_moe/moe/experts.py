@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_moe.config.architecture import mlp_projection_names
 from lightning_moe.moe.dispatch import HAS_GROUPED_MM, grouped_linear, sort_slots, swiglu_slots
 
 
@@ -142,7 +141,9 @@ class LoRAExpertMLP(nn.Module):
         self.mlp, self.num_experts, self.r, self.scale = mlp, num_experts, r, alpha / r
         self.act = mlp_activation(mlp)
         self.fused = hasattr(mlp, "gate_up_proj")
-        unknown = [t for t in targets if t not in mlp_projection_names(mlp)]  # prechecks.py named them before
+        # models/prechecks.py checked them against the family's projections before any weights loaded; this only
+        # guards a direct call (a projection may be wrapped by peft's LoRA by now: any module of that name)
+        unknown = [t for t in targets if not isinstance(getattr(mlp, t, None), nn.Module)]
         assert not unknown, f"moe.lora_targets {unknown} not in {type(mlp).__name__}'s projections"
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()

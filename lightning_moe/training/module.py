@@ -83,7 +83,7 @@ class MoELoRAModule(pl.LightningModule):
         if self._trainer is not None and "mixed" in str(self.trainer.precision):
             keep_lora_inputs_in_autocast_dtype(self.model)
         self.flops = count_flops(self.model, self.hf_config, nominal_active_experts(s.moe))
-        if s.model.offload_activations:  # a CUDA device: checked before the weights (config/prechecks.py)
+        if s.model.offload_activations:  # a CUDA device: checked before the weights (models/prechecks.py)
             self.offload = OffloadSavedActivations()
 
     def describe(self) -> dict:

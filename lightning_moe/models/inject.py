@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_moe.config.architecture import decoder_layers, ffn_of
+from lightning_moe.models.layout import decoder_layers, ffn_of
 from lightning_moe.moe.layer import MoEBlock, RoutingContext, build_block
 from lightning_moe.moe.routers import build_router
 
@@ -20,11 +20,9 @@ def inject_moe(model: nn.Module, layer_indices: list[int], context: RoutingConte
         mlp = ffn_of(layer)
         name = next(n for n, m in layer.named_children() if m is mlp)
         router = build_router(hidden_size, moe)
-        block = build_block(mlp, router, i, context, moe, hidden_size)
-        if moe.tied_router:  # one decision per conversation for every MoE layer: the first block takes it
-            block.tied = "follows" if blocks else "leads"
-            if blocks:
-                block.router.requires_grad_(False)
+        # moe.tied_router: one decision per conversation for every MoE layer, taken by the first block
+        tied = ("follows" if blocks else "leads") if moe.tied_router else "none"
+        block = build_block(mlp, router, i, context, moe, hidden_size, tied)
         setattr(layer, name, block)
         blocks.append(block)
     return blocks

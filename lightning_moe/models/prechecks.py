@@ -14,15 +14,10 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from lightning_moe.config.architecture import (
-    decoder_layers,
-    ffn_of,
-    missing_lora_targets,
-    mlp_projection_names,
-    resolve_model_config,
-)
 from lightning_moe.config.schema import ConfigError, Sections
-from lightning_moe.config.validate import check_precision_on_cpu, resolve_moe_layers
+from lightning_moe.config.validate import check_precision_on_cpu
+from lightning_moe.models.architecture import missing_lora_targets, resolve_model_config
+from lightning_moe.models.layout import decoder_layers, ffn_of, mlp_projection_names, resolve_moe_layers
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,9 @@
 `resolve_model_config` reads config.json from a local directory, the Hugging Face cache or the Hub, or builds it
 from an architecture json (lightning_moe/models/architectures/) for `model.init=random`. A machine without
 network fails in seconds (a 3-second TCP probe instead of huggingface_hub's retries), naming the override that
-fixes it. Also what the project needs to know of a decoder's module layout (its decoder layers, their feed-forward,
-the MLP's projections, LoRA target names), which prechecks.py reads off a weightless copy of the model.
+fixes it. `missing_lora_targets` checks LoRA's target names against a (weightless) copy of the model.
+
+Here rather than in config/ because it needs transformers: config/ stays importable without torch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from lightning_moe.config.schema import ConfigError, LoRAConfig, ModelConfig
@@ -54,7 +54,7 @@ def _cached_config(repo_id: str, revision: str | None) -> str | None:
 
 
 def _unavailable(m: ModelConfig, reason: str) -> WeightsUnavailable:
-    arch = m.arch or "an architecture json in lightning_moe/architectures/"
+    arch = m.arch or "an architecture json in lightning_moe/models/architectures/"
     return WeightsUnavailable(
         f"cannot load the weights of model '{m.name_or_path}': {reason}.\n"
         f"  - point at a local copy:        model.name_or_path=/path/to/{Path(m.name_or_path).name}\n"
@@ -122,30 +122,3 @@ def missing_lora_targets(model, lora: LoRAConfig) -> None:
             f"lora.target_modules: {missing} not found in {type(model).__name__}; its linear layers are {linear} "
             "(or use [all-linear])"
         )
-
-
-# Attribute that holds the feed-forward of a decoder layer, by family: Llama/Mistral/Qwen2/Gemma/Phi-3 use
-# `mlp`; some older families name it differently.
-_FFN_NAMES = ("mlp", "feed_forward", "ffn")
-
-
-def decoder_layers(model: nn.Module, num_hidden_layers: int) -> nn.ModuleList:
-    """The ModuleList of decoder layers: the first one as long as the config's layer count with an FFN."""
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_hidden_layers:
-            if any(hasattr(module[0], n) for n in _FFN_NAMES):
-                return module
-    raise ValueError(
-        f"could not find {num_hidden_layers} decoder layers with an MLP ({'/'.join(_FFN_NAMES)}) "
-        f"in {type(model).__name__}"
-    )
-
-
-def ffn_of(layer: nn.Module) -> nn.Module:
-    """A decoder layer's feed-forward module."""
-    return getattr(layer, next(n for n in _FFN_NAMES if hasattr(layer, n)))
-
-
-def mlp_projection_names(mlp: nn.Module) -> list[str]:
-    """The projections of a gated MLP that LoRA experts can adapt (Phi-3 fuses gate and up)."""
-    return ["gate_up_proj", "down_proj"] if hasattr(mlp, "gate_up_proj") else ["gate_proj", "up_proj", "down_proj"]
