@@ -2,7 +2,8 @@
 
 - `state_dict`: only what trains (LoRA, routers, experts) plus router buffers (balancing biases): a 12B base would
   otherwise add 24 GB to each checkpoint; the frozen base is rebuilt from its source (or its seed) on load.
-- `base_model`: the base model's name and a fingerprint of its architecture (checkpointing/fingerprint.py).
+- `base_model`: the base model's name, a fingerprint of its architecture, how it was made and a random base's seed
+  (checkpointing/fingerprint.py).
 - `trained_sections`: the LoRA and MoE settings that shape the trained tensors, the build seed and the device type
   a random base was generated on: what resuming and loading compare with the config before any weights load.
 - `router_state`: each router's state outside its state_dict (e.g. loads counted since the last bias step).
@@ -33,7 +34,7 @@ def save(module, checkpoint: dict) -> None:
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
     checkpoint["router_state"] = {b.layer_idx: state for b in module.moe_blocks
                                   if (state := b.router.extra_state()) is not None}
-    checkpoint["base_model"] = base_model_record(module.sections.model, module.hf_config)
+    checkpoint["base_model"] = base_model_record(module.sections.model, module.hf_config, module.seed)
     checkpoint["trained_sections"] = trained_sections(module)
     checkpoint["partial_grads"] = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
     checkpoint["nonfinite_steps"] = module.nonfinite_steps

@@ -93,7 +93,7 @@ def _run_locked(cfg: DictConfig, sections: Sections, hf_config, run_dir: Path, s
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (router, loss) on tensor cores
     resume = find_resume_checkpoint(run_dir / "checkpoints") if cfg.get("resume", True) else None
     if resume:
-        check_resumable(load_checkpoint_file(resume), resume, sections, hf_config)
+        check_resumable(load_checkpoint_file(resume), resume, sections, hf_config, seed=cfg.seed)
         log.info("resuming from %s", resume)
     for folder in (run_dir, run_dir / "checkpoints"):
         for leftover in remove_leftover_temporaries(folder):
