@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import signal
@@ -191,6 +192,24 @@ def test_a_run_whose_checkpoints_were_deleted_is_refused_unless_started_over(fin
     assert out.returncode == 2 and "holds the record of a run but no checkpoint" in out.stderr, out.stderr[-2000:]
     assert "resume=false" in out.stderr and not report["weights_built"]
     assert _run_record(run) == before
+
+
+@pytest.mark.slow
+def test_resume_false_starts_over_with_the_earlier_record_set_aside(finished_run, tmp_path):
+    """MOE_TRAINING_GUIDE.md: "`resume=false` starts over in the same directory": the earlier run's files are moved
+    to replaced/<time>/, so its record is kept whole and the new run's metrics.csv holds one history, not two."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    before = _run_record(run)
+    out = run_train(f"hydra.run.dir={run}", *FINISHED_ARGS, "resume=false", "trainer.log_every_n_steps=1")
+    assert out.returncode == 0, out.stdout[-3000:]
+    (old,) = (run / "replaced").iterdir()
+    assert {p: before[p] for p in before} == {p: (old / p).read_bytes() for p in before}
+    assert read_summary(run)["resumed_from"] is None and read_summary(run)["global_step"] == 4
+    with open(run / "logs" / "metrics.csv") as f:
+        steps = [r["step"] for r in csv.DictReader(f) if r.get("train/lm_loss")]
+    assert len(steps) == len(set(steps)) == 4
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
 
 
 def test_continuing_a_random_base_with_another_seed_is_refused(finished_run, tmp_path):

@@ -1,6 +1,10 @@
 """Resuming a run exactly: which checkpoint to resume from, and what Lightning's own resume leaves out.
 
-- find_resume_checkpoint picks the newest checkpoint that loads, skipping a damaged one.
+- find_resume_checkpoint picks last.ckpt (the run's newest state), else the newest other checkpoint that loads,
+  skipping a damaged one; never a best-* checkpoint (an earlier state, kept for its validation loss).
+- refuse_lost_checkpoints: a run directory that holds a run's record but no checkpoint cannot be continued;
+  retraining from step 0 there would rewrite the record, so it is refused unless resume=false (start over), which
+  sets the earlier record aside first (set_aside_record).
 - ExactResume saves the global RNG states (torch, CUDA, numpy, Python) and restores them just before the first
   resumed batch, so dropout draws the same masks as an uninterrupted run (Lightning saves none of them), and
   makes a validation cut short by SIGTERM run again in full on resume (Lightning would skip it).
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +22,32 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_moe.checkpointing.io import load_checkpoint_file
+from lightning_moe.config.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
+BEST_PREFIX = "best-"  # callbacks.best_checkpoint.filename (conf/callbacks/default.yaml)
+# what a run directory holds besides its checkpoints that tells a run trained there (its record)
+RECORD = ("summary.json", "logs/metrics.csv")
+# what resume=false sets aside before starting over (everything a run writes but Hydra's log and the lock note)
+STARTED_OVER = ("summary.json", "config.yaml", ".hydra", "logs", "routing", "export", "checkpoints", "attempts")
+
+
+class CheckpointsMissing(ConfigError):
+    """A run directory holds a run's record, but no checkpoint to continue it from."""
+
 
 def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest *.ckpt in ckpt_dir that loads; damaged ones (a crash mid-write without the atomic rename,
-    a full disk) are logged and skipped."""
+    """last.ckpt (the final or newest step: FinalStepCheckpoint keeps it so), else the newest other *.ckpt that
+    loads; damaged ones (a crash mid-write without the atomic rename, a full disk) are logged and skipped. The
+    best checkpoint is never resumed from: written after a validation, it can be newer than last.ckpt, yet it
+    holds an earlier or equal step and older state, and resuming from it would rewind the run."""
     if not ckpt_dir.is_dir():
         return None
-    for path in sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+    newest_first = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = [p for p in newest_first if p.name.startswith("last")]
+    candidates += [p for p in newest_first if p not in candidates and not p.name.startswith(BEST_PREFIX)]
+    for path in candidates:
         try:
             ckpt = load_checkpoint_file(path)
             if "state_dict" in ckpt and "global_step" in ckpt:
@@ -35,6 +56,30 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:
         except Exception as e:  # noqa: BLE001  any failure to load means: not this one
             log.warning("skipping %s: it does not load (%s)", path, str(e).splitlines()[0][:200])
     return None
+
+
+def refuse_lost_checkpoints(run_dir: Path) -> None:
+    """Called when a resumable command finds no checkpoint: refuse if the directory holds a run's record."""
+    found = [name for name in RECORD if (run_dir / name).is_file()]
+    if found:
+        raise CheckpointsMissing(
+            f"hydra.run.dir: {run_dir} holds the record of a run but no checkpoint to continue it from "
+            f"({', '.join(found)}; nothing loadable in checkpoints/). Training again from step 0 would replace that "
+            "record: give a new run directory (hydra.run.dir=NEW_DIR), or start over here with resume=false (the "
+            "earlier record is moved to replaced/<time>/). Nothing in the run directory was changed")
+
+
+def set_aside_record(run_dir: Path) -> Path | None:
+    """resume=false: move an earlier run's files to replaced/<time>/ so that the new run starts on a clean
+    directory (no second history appended to metrics.csv, no last-v1.ckpt beside the old last.ckpt)."""
+    present = [run_dir / name for name in STARTED_OVER if (run_dir / name).exists()]
+    if not present:
+        return None
+    target = run_dir / "replaced" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True)
+    for path in present:
+        path.rename(target / path.name)
+    return target
 
 
 def rng_states() -> dict:
