@@ -8,6 +8,8 @@
 - ExactResume saves the global RNG states (torch, CUDA, numpy, Python) and restores them just before the first
   resumed batch, so dropout draws the same masks as an uninterrupted run (Lightning saves none of them), and
   makes a validation cut short by SIGTERM run again in full on resume (Lightning would skip it).
+- Under DDP every rank has RNG states (and, mid-accumulation, gradients) of its own, but only global rank 0's
+  checkpoint is written: `from_every_rank` collects them into it, `for_this_rank` gives each rank its own back.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from lightning_moe.checkpointing.io import load_checkpoint_file
@@ -82,6 +85,35 @@ def set_aside_record(run_dir: Path) -> Path | None:
     return target
 
 
+def from_every_rank(trainer, value) -> list | None:
+    """[rank 0's value, rank 1's, ...] on global rank 0 (None elsewhere, and with one process). Called by every
+    rank while a checkpoint is dumped (Lightning dumps on all ranks, then rank 0 writes). Tensors go as CPU copies."""
+    if trainer.world_size == 1 or not dist.is_initialized():
+        return None
+    value = _to_cpu(value)
+    gathered = [None] * trainer.world_size if trainer.global_rank == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def for_this_rank(trainer, per_rank: list | None, fallback):
+    """This rank's own entry of a from_every_rank list saved with the same number of ranks; else `fallback`
+    (rank 0's, as checkpoints of one process or another world size hold)."""
+    if per_rank and len(per_rank) == trainer.world_size:
+        return per_rank[trainer.global_rank]
+    return fallback
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
 def rng_states() -> dict:
     """Every global generator's state, as tensors and plain data (so the checkpoint loads with weights_only)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -119,13 +151,15 @@ class ExactResume(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
+        if (per_rank := from_every_rank(trainer, checkpoint["rng_states"])) is not None:
+            checkpoint["rng_states_per_rank"] = per_rank
         val_loop = trainer.fit_loop.epoch_loop.val_loop
         if (trainer.validating and not trainer.sanity_checking
                 and val_loop.batch_progress.current.completed < sum(val_loop.max_batches)):
             _rewind_validation(checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"])
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        self._pending = checkpoint.get("rng_states")
+        self._pending = for_this_rank(trainer, checkpoint.get("rng_states_per_rank"), checkpoint.get("rng_states"))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._pending is not None:
