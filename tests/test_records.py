@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -45,7 +47,7 @@ def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(
             time.sleep(0.2)
         second = run_train(f"hydra.run.dir={run}", "trainer.max_steps=4", timeout=120)
         assert second.returncode == 2 and "is in use by another run" in second.stdout
-        assert f'"pid": {first.pid}' in second.stdout  # it says who holds it
+        assert f"pid {first.pid}" in second.stdout  # it says who holds it
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=120)
@@ -120,3 +122,123 @@ def test_data_too_small_to_split_is_named_and_validation_that_never_runs_is_warn
         out = run_train("trainer.max_steps=2", "trainer.val_check_interval=1000", *FAST[2:],
                         f"hydra.run.dir={tmp_path}/run")
         assert out.returncode == 0 and "validation never runs" in out.stdout, out.stdout[-2000:]
+
+
+# ---- issue 25: a finished run's record (items 1, 3, 4, 5, 6) --------------------------------------------------
+FINISHED_ARGS = [*FAST, "callbacks.model_checkpoint.every_n_train_steps=2"]  # validation (and best) at step 4
+
+
+def _run_record(run_dir):
+    """Every file of a run but Hydra's log (which gains each start's lines) and the lock's holder note."""
+    return {p: b for p, b in _record(run_dir).items() if p.name not in ("train.log", ".lock")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished FAST run (4 steps); tests copy it, never write into it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    out = run_train(f"hydra.run.dir={run}", *FINISHED_ARGS)
+    assert out.returncode == 0, out.stdout[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_the_same_command_on_a_finished_run_leaves_it_byte_identical_and_a_longer_one_continues_from_last(tmp_path):
+    """README: "after SIGTERM (exit 143) the same command resumes" and "A rerun that cannot continue a run ... is
+    refused before anything of it changes": a scheduler's retry of a finished run's command must leave its
+    summary.json (expert_load, routing, last_checkpoint), export/ and checkpoints as they were, and a larger
+    trainer.max_steps continues from last.ckpt, never from the best checkpoint (an earlier state)."""
+    run = tmp_path / "run"
+    first = run_train(f"hydra.run.dir={run}", *FINISHED_ARGS)
+    assert first.returncode == 0, first.stdout[-3000:]
+    before = _run_record(run)
+    again = run_train(f"hydra.run.dir={run}", *FINISHED_ARGS)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "already finished" in again.stdout and "nothing of it changed" in again.stdout
+    after = _run_record(run)
+    assert sorted(after) == sorted(before) and [p for p in before if after[p] != before[p]] == []
+
+    longer = run_train(f"hydra.run.dir={run}", *FINISHED_ARGS, "trainer.max_steps=6")
+    assert longer.returncode == 0, longer.stdout[-3000:]
+    s = read_summary(run)
+    assert s["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    assert s["global_step"] == 6 and s["stop_reason"] == "max_steps"
+    assert s["last_checkpoint"] == str(run / "checkpoints" / "last.ckpt") and s["expert_load"]
+    assert json.loads((run / "export" / "export_config.json").read_text())["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_a_moved_run_continues_into_its_own_last_checkpoint(finished_run, tmp_path):
+    """README: "checkpoints/ last.ckpt" and `checkpoint=last` (After training) mean the run's newest checkpoint:
+    after `mv R R2`, continuing in R2 writes R2's last.ckpt, not a last-v1.ckpt beside an older last.ckpt."""
+    run = tmp_path / "moved"
+    shutil.copytree(finished_run, run)
+    out = run_train(f"hydra.run.dir={run}", *FINISHED_ARGS, "trainer.max_steps=6")
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 6
+    s = read_summary(run)
+    assert s["last_checkpoint"] == str(run / "checkpoints" / "last.ckpt")
+    assert s["best_checkpoint"].startswith(str(run / "checkpoints"))
+
+
+def test_a_run_whose_checkpoints_were_deleted_is_refused_unless_started_over(finished_run, tmp_path):
+    """README: "A rerun that cannot continue a run ... is refused before anything of it changes": without its
+    checkpoints a run cannot be continued, and retraining from step 0 would rewrite its summary, config and export
+    and append a second history to metrics.csv. resume=false is the documented way to start over."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    before = _run_record(run)
+    out, report = run_guarded(f"hydra.run.dir={run}", *FINISHED_ARGS)
+    assert out.returncode == 2 and "holds the record of a run but no checkpoint" in out.stderr, out.stderr[-2000:]
+    assert "resume=false" in out.stderr and not report["weights_built"]
+    assert _run_record(run) == before
+
+
+@pytest.mark.slow
+def test_resume_false_starts_over_with_the_earlier_record_set_aside(finished_run, tmp_path):
+    """MOE_TRAINING_GUIDE.md: "`resume=false` starts over in the same directory": the earlier run's files are moved
+    to replaced/<time>/, so its record is kept whole and the new run's metrics.csv holds one history, not two."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    before = _run_record(run)
+    out = run_train(f"hydra.run.dir={run}", *FINISHED_ARGS, "resume=false", "trainer.log_every_n_steps=1")
+    assert out.returncode == 0, out.stdout[-3000:]
+    (old,) = (run / "replaced").iterdir()
+    assert {p: before[p] for p in before} == {p: (old / p).read_bytes() for p in before}
+    assert read_summary(run)["resumed_from"] is None and read_summary(run)["global_step"] == 4
+    with open(run / "logs" / "metrics.csv") as f:
+        steps = [r["step"] for r in csv.DictReader(f) if r.get("train/lm_loss")]
+    assert len(steps) == len(set(steps)) == 4
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+
+
+def test_continuing_a_random_base_with_another_seed_is_refused(finished_run, tmp_path):
+    """README: "A rerun that cannot continue a run (another base model, other LoRA or MoE shapes) is refused
+    before anything of it changes": a model.init=random base is its architecture and the seed that drew it."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = _run_record(run)
+    out, report = run_guarded(f"hydra.run.dir={run}", *FINISHED_ARGS, "trainer.max_steps=6", "seed=7")
+    assert out.returncode == 2 and "seed" in out.stderr and "hydra.run.dir" in out.stderr, out.stderr[-2000:]
+    assert not report["weights_built"]
+    assert _run_record(run) == before
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_run_into_a_busy_directory(tmp_path):
+    """README: ".lock  held while a run trains: a second start on the same directory is refused, naming the
+    holder": the operating system holds the lock for the holder's life, so removing the file changes nothing."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from lightning_moe.training.lock import "
+         "RunLock\nwith RunLock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(300)", str(run)],
+        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (run / ".lock").unlink()
+        out, report = run_guarded(f"hydra.run.dir={run}", *FAST)
+        assert out.returncode == 2 and "is in use by another run" in out.stderr, out.stderr[-2000:]
+        assert f"pid {holder.pid}" in out.stderr and not report["weights_built"]
+    finally:
+        holder.kill()
+        holder.wait()

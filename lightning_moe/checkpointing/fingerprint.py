@@ -1,7 +1,8 @@
 """What a run was trained on, compared with a new command's config before any weights load.
 
-- The base model: a short hash of the architecture-defining fields of its HF config. Resuming onto another base
-  model is refused.
+- The base model: a short hash of the architecture-defining fields of its HF config, how it was made
+  (`model.init`) and, for a random base (`model.init=random`), the seed that drew its weights: another seed is
+  another base model. Resuming onto another base model is refused.
 - The trained sections: LoRA rank/targets and MoE layers/experts/form shape the trained tensors; a rerun of a run
   directory with other values cannot load its checkpoints, so it is refused before anything is touched, naming
   the difference and the override that starts a new run directory instead.
@@ -34,13 +35,17 @@ def fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def base_model_record(model_cfg, config) -> dict:
-    return {"name_or_path": model_cfg.name_or_path, "init": model_cfg.init, "arch": model_cfg.arch,
-            "fingerprint": fingerprint(config), "architecture": config.to_dict()}
+def base_model_record(model_cfg, config, seed: int | None = None) -> dict:
+    record = {"name_or_path": model_cfg.name_or_path, "init": model_cfg.init, "arch": model_cfg.arch,
+              "fingerprint": fingerprint(config), "architecture": config.to_dict()}
+    if model_cfg.init == "random":
+        record["seed"] = seed  # the random base's weights are drawn from it
+    return record
 
 
-def check_base_model(saved: dict | None, where: Path, model_cfg, config) -> None:
-    """Refuse a checkpoint or export trained on another base model."""
+def check_base_model(saved: dict | None, where: Path, model_cfg, config, seed: int | None = None) -> None:
+    """Refuse a checkpoint or export trained on another base model. `seed`: the command's, compared for a random
+    base (None: not compared; the commands that load a trained run rebuild its base from the saved seed)."""
     if not saved:
         return
     ours = fingerprint(config)
@@ -51,6 +56,16 @@ def check_base_model(saved: dict | None, where: Path, model_cfg, config) -> None
             f"'{model_cfg.name_or_path or model_cfg.arch}' ({ours}). Use the same model, or start a new "
             "run directory (hydra.run.dir=...)"
         )
+    if saved.get("init") not in (None, model_cfg.init):
+        raise ConfigError(
+            f"model.init: {where} was trained on a base made with model.init={saved['init']}, but this run uses "
+            f"model.init={model_cfg.init}: another base model. Use model.init={saved['init']} to continue it, or "
+            "start a new run directory (hydra.run.dir=...)")
+    if model_cfg.init == "random" and seed is not None and saved.get("seed") not in (None, seed):
+        raise ConfigError(
+            f"seed: {where} was trained on a random base (model.init=random) drawn with seed={saved['seed']}; "
+            f"seed={seed} would draw another base model. Use seed={saved['seed']} to continue it, or start a new "
+            "run directory (hydra.run.dir=...)")
 
 
 def section_differences(saved: dict, sections: Sections, num_hidden_layers: int) -> list[str]:
@@ -71,9 +86,12 @@ def section_differences(saved: dict, sections: Sections, num_hidden_layers: int)
     return diffs
 
 
-def check_resumable(checkpoint: dict, where: Path, sections: Sections, config) -> None:
+def check_resumable(checkpoint: dict, where: Path, sections: Sections, config, seed: int | None = None) -> None:
     """Everything a resume compares before the weights load: the base model and the trained sections."""
-    check_base_model(checkpoint.get("base_model"), where, sections.model, config)
+    base = checkpoint.get("base_model")
+    if base and "seed" not in base:  # checkpoints written before the seed joined base_model kept it here
+        base = dict(base, seed=(checkpoint.get("trained_sections") or {}).get("seed"))
+    check_base_model(base, where, sections.model, config, seed)
     saved = checkpoint.get("trained_sections")
     diffs = section_differences(saved, sections, config.num_hidden_layers) if saved else []
     if diffs:
