@@ -43,14 +43,24 @@ def quiet_third_party() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLines())
 
 
-def exit_on_user_error(fn: Callable[[], object]) -> object:
+def exit_on_user_error(fn: Callable[[], object], command_cfg=None) -> object:
     """Run `fn`; a ConfigError (bad config, data, prompt file, unreachable weights, busy run directory: each a
-    subclass) prints `error: ...` naming what to change, and exits 2."""
+    subclass) prints `error: ...` naming what to change, and exits 2. `command_cfg` (the use-side commands'):
+    its own keys are checked first (lightning_moe.config.commands.check_command)."""
+    from omegaconf.errors import MissingMandatoryValue
+
     quiet_third_party()
     try:
+        if command_cfg is not None:
+            from lightning_moe.config.commands import check_command
+
+            check_command(command_cfg)
         return fn()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    except MissingMandatoryValue as e:  # a `???` read later than check_command looks (e.g. inside a section)
+        print(f"error: {e.full_key or e.key}: required; give it on the command line", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     except RunFailure as e:  # e.g. a full disk: one line naming the file, not a traceback through Lightning
         print(f"error: {e}", file=sys.stderr)
