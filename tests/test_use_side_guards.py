@@ -154,3 +154,51 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "RunFailure: writing" in out.stderr and "nothing was written" in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("overrides,formats", [([], None), (["moe=none"], "merged|peft"),
+                                               (["+recipe=servable_tiny"], "per_domain")])
+def test_the_closing_report_offers_only_the_exports_the_run_can_make(tmp_path, overrides, formats):
+    """Issue #26 item 3: every run's "next:" hint offered format=merged|peft|per_domain, even to runs (the tiny
+    default) that can produce none of them."""
+    from conftest import compose
+    from omegaconf import OmegaConf
+
+    from lightning_moe.reporting.console import run_report
+
+    OmegaConf.save(compose(overrides, run_dir=tmp_path), tmp_path / "config.yaml")
+    report = run_report({"stop_reason": "max_steps", "global_step": 4}, tmp_path)
+    export_line = [line for line in report.splitlines() if "export.py" in line][0]
+    if formats:
+        assert export_line.strip() == f"python export.py run={tmp_path} format={formats} out=DIR"
+    else:
+        assert export_line.strip().startswith("# export.py: none of merged|peft|per_domain fits this run")
+
+
+def test_the_readmes_after_training_block_exports_only_what_its_runs_can():
+    """Issue #26 item 3 (README "After training" runs as written): it exported runs/a, the tiny default with MoE
+    experts, with format=merged, which export.py refuses. Each export line's run is composed from the block's own
+    train.py line and its format checked as export.py checks it."""
+    import re
+    import shlex
+
+    from conftest import compose
+
+    from lightning_moe.config import validate_config
+    from lightning_moe.config.export_forms import check_format
+
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("## After training"):]
+    block = block[block.index("```bash"):block.index("```\n", block.index("```bash") + 7)]
+    trained, exports = {}, []
+    for line in block.splitlines():
+        words = shlex.split(line.split(" #")[0]) if line.startswith("python ") else []
+        if words[:2] == ["python", "train.py"]:
+            run = next(w.split("=", 1)[1] for w in words if w.startswith("hydra.run.dir="))
+            trained[run] = [w for w in words[2:] if not w.startswith("hydra.")]
+        elif words[:2] == ["python", "export.py"]:
+            exports.append(dict(w.split("=", 1) for w in words[2:]))
+    assert exports and all(e["run"] in trained for e in exports)
+    for e in exports:
+        check_format(e["format"], validate_config(compose(trained[e["run"]])))  # raises ConfigError if refused
+    assert re.search(r"python export\.py run=runs/a format=merged", block) is None
