@@ -54,7 +54,8 @@ def check_output(out, *, key: str = "out", folder: bool = False, overwrite: bool
         elif out.is_dir():
             raise ConfigError(f"{key}: {out} is a directory; give a file path, e.g. {key}={out / 'replies.jsonl'}")
         elif not overwrite:
-            raise ConfigError(f"{key}: {out} already exists; give a new {key}=PATH, or overwrite=true to replace it")
+            ask = f"another file ({key} FILE)" if key.startswith("/") else f"a new {key}=PATH, or overwrite=true"
+            raise ConfigError(f"{key}: {out} already exists; give {ask}")
     parent = _existing_ancestor(where if folder else where.parent)
     if not parent.is_dir():
         raise ConfigError(f"{key}: {parent} is a file, so {out} cannot be created under it")
