@@ -142,3 +142,20 @@ def test_generate_refuses_bad_input_naming_it_before_any_weights(trained_run, tm
                 "too_long": f"{prompts}: row 2: ", "no_checkpoint": "has no last checkpoint"}[case]
     assert out.returncode == 2 and expected in out.stderr, out.stderr[-2000:]
     assert not report["weights_built"] and not (tmp_path / "o.jsonl").exists()
+
+
+def test_compare_table_shows_every_setting_that_differs():
+    """Issue #26 item 4 (README: `evaluate.py run=SWEEP_DIR`, "one comparison table"): after
+    `-m moe.top_k=1,2 optim.lr=1e-4,3e-4` two trials read "differs in: moe.top_k=1" because only the lora and moe
+    settings were kept; every key of the runs' configs that differs is shown (run_dir aside: the row names the run)."""
+    from lightning_moe.evaluation.report import compare_table
+
+    def result(name, top_k, lr):
+        return {"run": name, "trained_params": 100, "overall": {"trained": {"loss": 1.0}, "gain": 0.5}, "per_domain": {},
+                "settings": {"run_dir": f"runs/{name}", "seed": 0, "moe": {"top_k": top_k, "enabled": True},
+                             "logger": {"csv": {"save_dir": f"runs/{name}"}},
+                             "optim": {"lr": lr, "betas": [0.9, 0.95]}, "data": {"train_files": ["a.jsonl"]}}}
+
+    table = compare_table([result("t0", 1, 1e-4), result("t1", 1, 3e-4), result("t2", 2, 1e-4)])
+    assert "| t0 | moe.top_k=1 optim.lr=0.0001 |" in table and "| t1 | moe.top_k=1 optim.lr=0.0003 |" in table
+    assert "run_dir" not in table and "seed" not in table and "save_dir" not in table
