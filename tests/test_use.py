@@ -72,6 +72,8 @@ def test_evaluate_reports_per_domain_gain_routing_and_probes_without_touching_th
     out = run_entry("evaluate.py", f"run={trained_run}", f"out={tmp_path}/eval", *probes)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"evaluation -> {tmp_path}/eval" in out.stdout
+    # issue #26 item 2: progress as plain lines when stdout is a file, and the training split is never tokenised
+    assert "evaluating set 1: batch 4/4" in out.stdout and "tokenising train" not in out.stdout + out.stderr
     r = json.loads((tmp_path / "eval" / "eval.json").read_text())
     # the random base (model.init=random) came back: the run's own validation loss, to float precision
     assert r["overall"]["trained"]["loss"] == pytest.approx(read_summary(trained_run)["val_loss"], abs=1e-4)
@@ -114,6 +116,7 @@ def test_generate_writes_one_reply_per_row_and_chat_answers_until_end_of_input(t
     out = run_entry("generate.py", f"run={trained_run}", f"prompts={prompts}", f"out={tmp_path}/replies.jsonl",
                     "max_new_tokens=8", "batch_size=2")
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "generating (2 prompts, 2 a batch): 1/1" in out.stdout  # progress, as plain lines in a log file
     rows = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b"] and all(isinstance(r["reply"], str) for r in rows)
     assert all(r["finish_reason"] in ("stop", "length") and r["routing"]["level"] == "token" for r in rows)
