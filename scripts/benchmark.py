@@ -329,6 +329,12 @@ def main() -> None:
         return save_random(a.arch, a._save_random)
     if a.out is None:
         p.error("--out is required")
+    if a.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # every variant would fail after minutes of setup, and exit 0
+            p.error(f"--device {a.device}: this machine has no CUDA GPU, and the benchmark measures GPU throughput; "
+                    "on a CPU, --device cpu --recipe none is the smoke test")
 
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -349,6 +355,8 @@ def main() -> None:
         print(f"{name}: {results[name]['status']} ({results[name].get('wall_s', 0)} s)", flush=True)
         (a.out / "results.json").write_text(json.dumps(results, indent=2))  # after each: a timeout keeps the rest
     print_table(results)
+    if results and not any(r["status"] == "ok" for r in results.values()):
+        sys.exit(f"every variant failed (see {a.out}/*.log)")
 
 
 def print_table(results: dict[str, dict]) -> None:

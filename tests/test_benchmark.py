@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, run_script
 
 SEQ = 64
 
@@ -92,3 +93,10 @@ def test_a_variant_past_its_timeout_is_recorded_and_the_next_still_runs(tmp_path
     results = json.loads((tmp_path / "results.json").read_text())
     assert {k: r["status"] for k, r in results.items()} == {"moe": "timeout (1 s)", "nomoe": "timeout (1 s)"}
     assert "variant" in out.stdout  # the table is still printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_benchmark_on_a_cpu_says_it_needs_cuda_and_exits_non_zero(tmp_path):
+    """Issue #26 item 7: `scripts/benchmark.py --out DIR` on a CPU exited 0 after every variant failed."""
+    out = run_script(REPO / "scripts" / "benchmark.py", "--out", tmp_path / "bench")
+    assert out.returncode == 2 and "no CUDA GPU" in out.stderr, out.stderr[-2000:]
