@@ -74,6 +74,7 @@ def test_evaluate_reports_per_domain_gain_routing_and_probes_without_touching_th
     assert f"evaluation -> {tmp_path}/eval" in out.stdout
     # issue #26 item 2: progress as plain lines when stdout is a file, and the training split is never tokenised
     assert "evaluating set 1: batch 4/4" in out.stdout and "tokenising train" not in out.stdout + out.stderr
+    assert (out.stdout + out.stderr).count("GPU available") == 1  # issue #26 item 7: it was printed twice
     r = json.loads((tmp_path / "eval" / "eval.json").read_text())
     # the random base (model.init=random) came back: the run's own validation loss, to float precision
     assert r["overall"]["trained"]["loss"] == pytest.approx(read_summary(trained_run)["val_loss"], abs=1e-4)

@@ -202,3 +202,37 @@ def test_the_readmes_after_training_block_exports_only_what_its_runs_can():
     for e in exports:
         check_format(e["format"], validate_config(compose(trained[e["run"]])))  # raises ConfigError if refused
     assert re.search(r"python export\.py run=runs/a format=merged", block) is None
+
+
+def test_a_trial_a_killed_sweep_left_running_is_recorded_as_failed(tmp_path):
+    """Issue #25 item 13 (README: an Optuna sweep's study is a journal file, "the same command continues it"): a
+    trial killed mid-run stayed RUNNING in the study for ever. The sweeper closes such trials when it resumes."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    from hydra_plugins.lightning_moe_optuna.sweeper import close_abandoned_trials
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.tell(study.ask(), 1.0)
+    study.ask()  # the sweep was killed while this trial trained
+    resumed = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    assert close_abandoned_trials(resumed) == [1]
+    assert [t.state for t in resumed.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
+
+
+@pytest.mark.slow
+def test_a_sweeps_files_never_hold_a_token_given_as_an_override(tmp_path):
+    """Issue #25 item 8 (README: "secrets masked"): a sweep (-m) with a token in an override wrote it in plain text
+    into the sweep directory's multirun.yaml, three times. Every file the sweep writes is read for it."""
+    from conftest import FAST, run_train
+
+    secret, sweep = "hf_SWEEPoverrideTOKEN1234567890", tmp_path / "sweep"
+    out = run_train("-m", "optim.lr=1e-3", f"data.system_prompt={secret}", f"hydra.sweep.dir={sweep}", *FAST)
+    assert out.returncode == 0, out.stdout[-3000:]
+    files = [p for p in sweep.rglob("*") if p.is_file()]
+    assert sweep / "multirun.yaml" in files and sweep / "sweep_summary.csv" in files
+    assert not [p for p in files if secret.encode() in p.read_bytes()]
+    assert secret not in out.stdout
