@@ -236,3 +236,18 @@ def test_a_sweeps_files_never_hold_a_token_given_as_an_override(tmp_path):
     assert sweep / "multirun.yaml" in files and sweep / "sweep_summary.csv" in files
     assert not [p for p in files if secret.encode() in p.read_bytes()]
     assert secret not in out.stdout
+
+
+@pytest.mark.slow
+def test_a_wandb_runs_files_never_hold_a_secret_interpolated_from_the_environment(tmp_path):
+    """Issue #25 item 8 (README: "secrets masked"): with logger=wandb, a value interpolated from the environment was
+    masked in config.yaml but written in plain text into wandb's offline run file, which `wandb sync` uploads."""
+    from conftest import FAST, clean_env, run_train
+
+    secret, run = "hf_WANDBinterpolatedTOKEN123456", tmp_path / "run"
+    out = run_train("logger=wandb", "+logger.wandb.notes=${oc.env:HF_TOKEN}", "+logger.wandb.tags=[${oc.env:HF_TOKEN}]",
+                    f"hydra.run.dir={run}", *FAST, env=clean_env(WANDB_MODE="offline", HF_TOKEN=secret))
+    assert out.returncode == 0, out.stdout[-3000:]
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert list(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert not [p for p in files if secret.encode() in p.read_bytes()]
