@@ -141,7 +141,8 @@ def evaluate(cfg: DictConfig, overrides: list[str]) -> Path:
     runs = runs_of(cfg.run)
     plans = [plan_load(source, cfg.checkpoint, overrides, cfg.device) for source in runs]
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    default = runs[0] / "eval" / stamp if len(runs) == 1 else Path("runs") / "eval" / stamp
+    # the run's own eval/ (also for run=R/export or a .ckpt), the one place in a run that evaluate.py writes
+    default = plans[0].run_dir / "eval" / stamp if len(runs) == 1 else Path("runs") / "eval" / stamp
     out = check_output(cfg.out or default, folder=True, inputs=[*cfg.files])
     if len(runs) == 1:
         result = evaluate_one(plans[0], runs[0], cfg, out)
