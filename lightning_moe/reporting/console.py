@@ -144,7 +144,7 @@ class PlainProgress(ProgressBar):
         self._t0 = time.monotonic()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        total = self.total_val_batches_current_dataloader
+        total = trainer.num_val_batches[dataloader_idx]
         done = batch_idx + 1
         if total and total != float("inf") and (done == total or done % max(1, int(total) // 10) == 0):
             elapsed = time.monotonic() - self._t0
