@@ -13,10 +13,11 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_moe.reporting.redact import redact
+from lightning_moe.reporting.redact import RedactingFilter, redact
 
 log = logging.getLogger(__name__)
 
+LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.lightning_moe_optuna.sweeper")
 COLUMNS = ["stop_reason", "global_step", "train_loss", "val_loss", "best_val_loss", "tokens_per_s", "elapsed_s"]
 
 
@@ -76,6 +77,11 @@ def mask_multirun_yaml(sweep_dir: Path) -> None:
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)  # e.g. for the Optuna sqlite storage
+        # the launcher logs each job's overrides ("#0 : ...") after configuring logging anew (handlers' filters are
+        # gone by then), before the job masks its own logs: filter at the launchers' loggers themselves
+        for name in LAUNCHER_LOGGERS:
+            if not any(isinstance(f, RedactingFilter) for f in logging.getLogger(name).filters):
+                logging.getLogger(name).addFilter(RedactingFilter())
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         # Hydra's BasicSweeper writes multirun.yaml after on_multirun_start, before the first job: mask it here
