@@ -251,3 +251,21 @@ def test_a_wandb_runs_files_never_hold_a_secret_interpolated_from_the_environmen
     files = [p for p in run.rglob("*") if p.is_file()]
     assert list(run.glob("wandb/offline-run-*/run-*.wandb"))
     assert not [p for p in files if secret.encode() in p.read_bytes()]
+
+
+def test_export_temporaries_of_killed_or_beaten_exports_are_removed(tmp_path):
+    """Issue #25 item 10 (README: an export "appears whole or not at all"): a temporary folder left by a SIGKILL, or
+    by losing the final rename to a parallel export, stayed for ever. The next export to the same place removes a
+    dead process's, never a live one's; the loser of a race removes its own."""
+    from lightning_moe.export.folder import ExportFolder
+
+    out = tmp_path / "exp"
+    dead, live = tmp_path / ".exp.tmp999999999", tmp_path / f".exp.tmp{os.getppid()}"  # no such pid / a live one
+    dead.mkdir()
+    live.mkdir()
+    with pytest.raises(ConfigError, match="already exists"):
+        with ExportFolder(out) as folder:
+            assert not dead.exists() and live.exists()
+            (folder / "weights.safetensors").write_text("x")
+            out.mkdir()  # a parallel export took the name first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "exp"] and not list(out.iterdir())
