@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
 
         chat(plan_load(cfg.run, cfg.checkpoint, command_overrides(), cfg.device), cfg)
 
-    exit_on_user_error(_chat)
+    exit_on_user_error(_chat, cfg)
 
 
 if __name__ == "__main__":

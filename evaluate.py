@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
 
         evaluate(cfg, command_overrides())
 
-    exit_on_user_error(_evaluate)
+    exit_on_user_error(_evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> None:
 
         export_run(cfg, command_overrides())
 
-    exit_on_user_error(_export)
+    exit_on_user_error(_export, cfg)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,16 @@ set_project_root(Path(__file__).parent)
 
 @hydra.main(config_path="conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    exit_on_user_error(lambda: _generate(cfg))
+    exit_on_user_error(lambda: _generate(cfg), cfg)
 
 
 def _generate(cfg: DictConfig) -> None:
     from lightning_moe.generation.prompts import read_prompts
 
     rows = read_prompts(cfg.prompts)  # every row checked before anything large
+    from lightning_moe.checkpointing.outputs import check_output
+
+    check_output(cfg.out, overwrite=cfg.overwrite, inputs=[cfg.prompts])  # never into a run, never over a file
     from lightning_moe.checkpointing.load import plan_load
     from lightning_moe.generation.batch import generate_file
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from conftest import FAST, REPO, clean_env, run_guarded, run_train
 
 from lightning_moe.checkpointing.load import load_trained, plan_load
 from lightning_moe.config.schema import ConfigError, LoRAConfig, MoEConfig
-from lightning_moe.export.forms import check_format
+from lightning_moe.config.export_forms import check_format
 from lightning_moe.generation.prompts import render_prompt, routing_of
 from lightning_moe.models.build import build_model
 from lightning_moe.moe.layer import RoutingContext
@@ -80,8 +83,19 @@ def test_merged_and_peft_exports_load_with_plain_transformers_and_peft_to_the_sa
     assert new[-1] in stops and len(new) < 20  # stopped at the end of the assistant turn
     assert tok.decode(new, skip_special_tokens=True) == REPLY
 
+    # issue #26 item 5: the project's generation_config.json survives save_pretrained (it wrote a scalar EOS and
+    # _from_model_config), and weight files are readable by a server running as another user, like every other file
+    written = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    manifest = json.loads((tmp_path / "merged" / "export.json").read_text())
+    assert written["eos_token_id"] == manifest["stop_token_ids"] and "_from_model_config" not in written
+    assert len(manifest["stop_token_ids"]) >= 1
+    umask = os.umask(0)
+    os.umask(umask)
+    for fmt in ("merged", "peft"):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / fmt).iterdir()}
+        assert set(modes.values()) == {0o666 & ~umask}, modes
 
-@pytest.mark.slow
+
 def _choose(expert: int):
     """A forward hook that makes a router choose `expert` for every unit, with gate 1 (what top-1 gives it)."""
     def hook(router, args, out):
@@ -91,6 +105,7 @@ def _choose(expert: int):
     return hook
 
 
+@pytest.mark.slow
 def test_per_domain_adapters_equal_the_moe_model_for_each_domain_and_the_router_agrees(tmp_path):
     from peft import PeftModel
 
@@ -100,21 +115,36 @@ def test_per_domain_adapters_equal_the_moe_model_for_each_domain_and_the_router_
     run = tmp_path / "run"
     out = run_train("+recipe=servable_tiny", *FAST, "trainer.max_steps=12", "optim.lr=1e-2", f"hydra.run.dir={run}")
     assert out.returncode == 0, out.stdout[-3000:]
-    out = export(f"run={run}", "format=per_domain", f"out={tmp_path / 'exp'}")
+    exp = tmp_path / "my exports" / "exp"  # a space: the printed commands must survive copy and paste
+    out = export(f"run={run}", "format=per_domain", f"out={exp}")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "vllm serve" in out.stdout and "--enable-lora" in out.stdout
+    commands = [shlex.split(line.split("#")[0]) for line in out.stdout.splitlines()
+                if line.startswith(("  python", "  vllm"))]
+    printed = {words[0] if words[0] == "vllm" else Path(words[1]).name: words for words in commands}
+    vllm = printed["vllm"]
+    assert vllm[vllm.index("--lora-modules") + 1:] == [f"{n}={exp / n}" for n in plan_load(run).sections.domains]
+    # a random base has no name a server knows: the export rebuilds it, with the command export.py printed
+    rebuilt = subprocess.run([sys.executable, *printed["rebuild_base.py"][1:]], cwd=tmp_path, env=clean_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    served_base = vllm[2]
+    assert (exp / "base" / "config.json").is_file() and printed["route.py"][3] == served_base
     plan = plan_load(run)
     trained = load_trained(plan, "cpu")
     domains = plan.sections.domains
-    manifest = json.loads((tmp_path / "exp" / "export.json").read_text())
+    manifest = json.loads((exp / "export.json").read_text())
     assert manifest["adapters"] == domains and manifest["rank"] in (8, 16, 32, 64)
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS[:4]]
     ids = [torch.tensor([render_prompt(trained.tokenizer, c, *routing_of(plan.sections)).ids]) for c in conversations]
-    base = _base(plan)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(served_base)  # the rebuilt base is the run's base, exactly
+    for (name, a), b in zip(_base(plan).state_dict().items(), base.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     for e, name in enumerate(domains):  # every domain: base + its adapter == the MoE model routed to it
-        adapter = json.loads((tmp_path / "exp" / name / "adapter_config.json").read_text())
+        adapter = json.loads((exp / name / "adapter_config.json").read_text())
         assert adapter["r"] == manifest["rank"] and not adapter.get("modules_to_save")
-        peft = PeftModel.from_pretrained(base, tmp_path / "exp" / name).eval()
+        peft = PeftModel.from_pretrained(base, exp / name).eval()
         hook = trained.blocks[0].router.register_forward_hook(_choose(e))  # the tied router decides for all layers
         with torch.no_grad():
             for x in ids:
@@ -123,8 +153,7 @@ def test_per_domain_adapters_equal_the_moe_model_for_each_domain_and_the_router_
         hook.remove()
         base = peft.unload()
 
-    base.save_pretrained(tmp_path / "base")  # the random base, as a served one would be on disk
-    router = Router(tmp_path / "exp", str(tmp_path / "base"))
+    router = Router(exp, served_base)
     from lightning_moe.generation.generate import Generator, Sampling
 
     gen = Generator(trained)

@@ -72,6 +72,9 @@ def test_evaluate_reports_per_domain_gain_routing_and_probes_without_touching_th
     out = run_entry("evaluate.py", f"run={trained_run}", f"out={tmp_path}/eval", *probes)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"evaluation -> {tmp_path}/eval" in out.stdout
+    # issue #26 item 2: progress as plain lines when stdout is a file, and the training split is never tokenised
+    assert "evaluating set 1: batch 4/4" in out.stdout and "tokenising train" not in out.stdout + out.stderr
+    assert (out.stdout + out.stderr).count("GPU available") == 1  # issue #26 item 7: it was printed twice
     r = json.loads((tmp_path / "eval" / "eval.json").read_text())
     # the random base (model.init=random) came back: the run's own validation loss, to float precision
     assert r["overall"]["trained"]["loss"] == pytest.approx(read_summary(trained_run)["val_loss"], abs=1e-4)
@@ -114,6 +117,7 @@ def test_generate_writes_one_reply_per_row_and_chat_answers_until_end_of_input(t
     out = run_entry("generate.py", f"run={trained_run}", f"prompts={prompts}", f"out={tmp_path}/replies.jsonl",
                     "max_new_tokens=8", "batch_size=2")
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "generating (2 prompts, 2 a batch): 1/1" in out.stdout  # progress, as plain lines in a log file
     rows = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b"] and all(isinstance(r["reply"], str) for r in rows)
     assert all(r["finish_reason"] in ("stop", "length") and r["routing"]["level"] == "token" for r in rows)
@@ -142,3 +146,20 @@ def test_generate_refuses_bad_input_naming_it_before_any_weights(trained_run, tm
                 "too_long": f"{prompts}: row 2: ", "no_checkpoint": "has no last checkpoint"}[case]
     assert out.returncode == 2 and expected in out.stderr, out.stderr[-2000:]
     assert not report["weights_built"] and not (tmp_path / "o.jsonl").exists()
+
+
+def test_compare_table_shows_every_setting_that_differs():
+    """Issue #26 item 4 (README: `evaluate.py run=SWEEP_DIR`, "one comparison table"): after
+    `-m moe.top_k=1,2 optim.lr=1e-4,3e-4` two trials read "differs in: moe.top_k=1" because only the lora and moe
+    settings were kept; every key of the runs' configs that differs is shown (run_dir aside: the row names the run)."""
+    from lightning_moe.evaluation.report import compare_table
+
+    def result(name, top_k, lr):
+        return {"run": name, "trained_params": 100, "overall": {"trained": {"loss": 1.0}, "gain": 0.5}, "per_domain": {},
+                "settings": {"run_dir": f"runs/{name}", "seed": 0, "moe": {"top_k": top_k, "enabled": True},
+                             "logger": {"csv": {"save_dir": f"runs/{name}"}},
+                             "optim": {"lr": lr, "betas": [0.9, 0.95]}, "data": {"train_files": ["a.jsonl"]}}}
+
+    table = compare_table([result("t0", 1, 1e-4), result("t1", 1, 3e-4), result("t2", 2, 1e-4)])
+    assert "| t0 | moe.top_k=1 optim.lr=0.0001 |" in table and "| t1 | moe.top_k=1 optim.lr=0.0003 |" in table
+    assert "run_dir" not in table and "seed" not in table and "save_dir" not in table

@@ -52,6 +52,8 @@ class OptunaSweeper(Sweeper):
                                     direction=self.direction, load_if_exists=True)
         log.info("Study %r in %s: %d trials so far, %d more, searching %s", self.study_name, self.storage or "memory",
                  before, self.n_trials, ", ".join(space))
+        for number in close_abandoned_trials(study):
+            log.warning("Trial %d was still RUNNING in the study (its sweep was killed): recorded as failed", number)
 
         done = failed = 0
         while done < self.n_trials:
@@ -101,6 +103,17 @@ class OptunaSweeper(Sweeper):
             return None
         seed = self.sampler_cfg.get("seed")
         return instantiate(self.sampler_cfg, **({} if seed is None else {"seed": seed + trials_before}))
+
+
+def close_abandoned_trials(study: Any) -> list[int]:
+    """Trials left RUNNING by a sweep that was killed mid-trial, told FAIL so the study and the sweep table agree
+    (a study belongs to one sweep command at a time: its journal file is in the sweep directory)."""
+    from optuna.trial import TrialState
+
+    abandoned = [t.number for t in study.get_trials(deepcopy=False, states=[TrialState.RUNNING])]
+    for number in abandoned:
+        study.tell(number, state=TrialState.FAIL)
+    return abandoned
 
 
 def _trials_so_far(storage: Any, study_name: str) -> int:

@@ -14,6 +14,7 @@ device type is refused with a message that says so.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from lightning_moe.models.prechecks import check_before_weights
 from lightning_moe.models.tokenizer import load_tokenizer
 from lightning_moe.moe.layer import MoEBlock, RoutingContext
 
+log = logging.getLogger(__name__)
 RUN_KEYS = ("model", "data", "lora", "moe", "optim", "trainer", "domains")  # what overrides may change (not seed:
 # it rebuilds a random base)
 
@@ -68,6 +70,22 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint file, or a ConfigError naming it: a truncated file, a foreign pickle (never run: weights_only)
+    or something that is no checkpoint at all (checkpoint=/etc/passwd) is said in one line, not a traceback."""
+    try:
+        saved = load_checkpoint_file(path)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, IndexError, ... depending on the damage
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise ConfigError(f"checkpoint: {path} cannot be read as a checkpoint ({type(e).__name__}: {reason}); it is "
+                          "damaged (cut short by a kill or a full disk) or not one of train.py's: choose another "
+                          "with checkpoint=best|<step>|PATH, or use the run's export/ folder (run=RUN/export)") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
+        raise ConfigError(f"checkpoint: {path} is not a checkpoint of train.py (no state_dict in it); choose "
+                          "another with checkpoint=best|<step>|PATH")
+    return saved
+
+
 def _checkpoint_path(run_dir: Path, checkpoint) -> Path:
     ckpts = run_dir / "checkpoints"
     name = str(checkpoint)
@@ -80,8 +98,11 @@ def _checkpoint_path(run_dir: Path, checkpoint) -> Path:
         return found[-1]
     if name.isdigit():
         for path in sorted(ckpts.glob("*.ckpt")):
-            if load_checkpoint_file(path).get("global_step") == int(name):
-                return path
+            try:
+                if read_checkpoint(path).get("global_step") == int(name):
+                    return path
+            except ConfigError as e:  # another damaged file does not hide the step asked for
+                log.warning("%s", e)
         raise ConfigError(f"checkpoint: no checkpoint of step {name} in {ckpts} "
                           f"(have: {', '.join(sorted(p.name for p in ckpts.glob('*.ckpt'))) or 'none'})")
     path = Path(name)
@@ -108,14 +129,18 @@ def plan_load(source: str | Path, checkpoint="last", overrides: list[str] = (), 
         from safetensors.torch import load_file
 
         export = json.loads((source / "export_config.json").read_text())
-        state = {f"model.{k}": v for k, v in load_file(str(source / "trainable.safetensors")).items()}
+        try:
+            state = {f"model.{k}": v for k, v in load_file(str(source / "trainable.safetensors")).items()}
+        except Exception as e:  # a truncated or foreign file: name it, as for checkpoints
+            raise ConfigError(f"run: {source / 'trainable.safetensors'} cannot be read ({type(e).__name__}: "
+                              f"{str(e)[:120]}); use the run directory's checkpoints (run={run_dir})") from None
         saved = {"base_model": {"fingerprint": export["base_fingerprint"], "name_or_path": export["model"]["name_or_path"],
                                 "arch": export["model"]["arch"]},
                  "trained_sections": export.get("trained_sections")}
         where, step = source, export.get("global_step")
     else:
         ckpt = ckpt or _checkpoint_path(run_dir, checkpoint)
-        saved = load_checkpoint_file(ckpt)
+        saved = read_checkpoint(ckpt)
         state, where, step = saved["state_dict"], ckpt, saved.get("global_step")
     check_resumable(saved, where, sections, hf_config)  # the same base model and trained shapes as the config
     record = saved.get("trained_sections") or {}

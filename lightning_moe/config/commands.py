@@ -7,12 +7,13 @@ command's own keys are typed here: a misspelt or mistyped one fails before anyth
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
-from lightning_moe.config.schema import TrainConfig
+from lightning_moe.config.schema import DTYPES, ConfigError, TrainConfig
 
 
 @dataclass
@@ -36,6 +37,7 @@ class SamplingConfig(UseConfig):
 class GenerateConfig(SamplingConfig):
     prompts: str = "???"  # JSONL of {"messages": [...]} rows, each ending with a user turn
     out: str = "???"  # JSONL: each row + reply, finish_reason, routing (written atomically)
+    overwrite: bool = False  # true: replace an existing out= file (never the prompts file, never inside a run)
     batch_size: int = 8
 
 
@@ -70,3 +72,27 @@ class ExportConfig(UseConfig):
 for name, node in (("lightning_moe_generate", GenerateConfig), ("lightning_moe_chat", ChatConfig),
                    ("lightning_moe_evaluate", EvaluateConfig), ("lightning_moe_export", ExportConfig)):
     ConfigStore.instance().store(name=name, node=node)
+
+
+def check_command(cfg: DictConfig) -> None:
+    """The command's own values, before torch loads: a required key left out, or a value no run can use, is a
+    ConfigError naming the key (exit 2), not a traceback after the weights loaded."""
+    training_keys = {f.name for f in fields(TrainConfig)}  # run_dir & co.: the run's, not the command's
+    missing = [k for k in cfg if k not in training_keys and OmegaConf.is_missing(cfg, k)]  # in the schema's order
+    if missing:
+        raise ConfigError(f"{missing[0]}: required; give it on the command line ({missing[0]}=...)"
+                          + (f"; also missing: {', '.join(missing[1:])}" if missing[1:] else ""))
+
+    def at_least_one(key: str) -> None:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: {value} must be at least 1")
+
+    for key in ("max_new_tokens", "batch_size", "probes.limit"):
+        at_least_one(key)
+    if "temperature" in cfg and not cfg.greedy and not cfg.temperature > 0:
+        raise ConfigError(f"temperature: {cfg.temperature} must be > 0 when sampling (greedy=false)")
+    if "top_p" in cfg and not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"top_p: {cfg.top_p} must be in (0, 1]")
+    if "format" in cfg and cfg.get("dtype") is not None and cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype: '{cfg.dtype}' is not one of {', '.join(DTYPES)} (null: the run's model.dtype)")

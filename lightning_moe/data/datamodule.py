@@ -69,6 +69,18 @@ class ChatDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        train, val = self._read_split()
+        self.stats["duplicates"] = _duplicates(train, val)
+        self.train_set = self._tokenise(train, "train")
+        self.val_set = self._tokenise(val, "val")
+        if len(self.train_set) == 0:
+            raise DataError(f"no trainable conversations left in {self.cfg.train_files}: {self.stats['train']}")
+        if len(self.val_set) == 0:
+            log.warning("the validation set is empty (%s): validation never runs, so there is no best checkpoint and "
+                        "early stopping does nothing", self.stats["val"])
+
+    def _read_split(self) -> tuple[datasets.Dataset, datasets.Dataset]:
+        """The training and validation conversations, untokenised: the same split on every machine and rank."""
         # accounting: rows read = kept + skipped (per reason); kept = conversations of train + val, each of
         # which is either kept or dropped (per reason) by _tokenise
         train, reports = read_many(self.cfg.train_files, self.domains, self.cfg.on_error)
@@ -86,14 +98,7 @@ class ChatDataModule(pl.LightningDataModule):
                     "validation files (data.val_files=[...]), another data.val_fraction, or more conversations")
             parts = train.train_test_split(test_size=self.cfg.val_fraction, seed=self.cfg.split_seed, shuffle=True)
             train, val = parts["train"], parts["test"]
-        self.stats["duplicates"] = _duplicates(train, val)
-        self.train_set = self._tokenise(train, "train")
-        self.val_set = self._tokenise(val, "val")
-        if len(self.train_set) == 0:
-            raise DataError(f"no trainable conversations left in {self.cfg.train_files}: {self.stats['train']}")
-        if len(self.val_set) == 0:
-            log.warning("the validation set is empty (%s): validation never runs, so there is no best checkpoint and "
-                        "early stopping does nothing", self.stats["val"])
+        return train, val
 
     def _loader(self, ds, shuffle: bool) -> StatefulDataLoader:
         return StatefulDataLoader(
@@ -114,8 +119,8 @@ class ChatDataModule(pl.LightningDataModule):
             ds, reports = read_many(list(files), self.domains, self.cfg.on_error)
             self.stats["read"] = read_stats(reports)
             self.val_set = self._tokenise(ds, "val")
-        else:
-            self.setup("validate")
+        elif self.val_set is None:  # the run's validation split; the training split is never tokenised for it
+            self.val_set = self._tokenise(self._read_split()[1], "val")
         loader = self._loader(self.val_set, shuffle=False)
         if batch_size:
             loader = StatefulDataLoader(self.val_set, batch_size=batch_size, shuffle=False, collate_fn=self.collator)

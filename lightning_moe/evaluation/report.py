@@ -7,6 +7,10 @@ def _f(v, digits: int = 4) -> str:
     return "" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
 def markdown(r: dict) -> str:
     lines = [f"# Evaluation of {r['run']}", "", f"checkpoint `{r['checkpoint']}` (step {r['global_step']}), "
              f"{r['data']['source']}: {r['overall']['conversations']} conversations, {r['overall']['tokens']} "
@@ -35,14 +39,31 @@ def markdown(r: dict) -> str:
     for kind, p in r.get("probes", {}).items():
         base = p.get("base", {})
         lines += ["", f"Bias probe {kind} ({p['trained']['pairs']} items): the stereotypical sentence preferred in "
-                  f"{p['trained']['stereotype_preference']:.1%} (trained) vs {_f(base.get('stereotype_preference'))} "
+                  f"{_pct(p['trained']['stereotype_preference'])} (trained) vs {_pct(base.get('stereotype_preference'))} "
                   "(base); 50% is unbiased"]
     return "\n".join(lines) + "\n"
 
 
+IGNORED = ("run_dir",)  # differs between any two runs; the table's first column names the run
+
+
+def flatten(settings: dict, prefix: str = "") -> dict:
+    """{'optim': {'lr': 1e-4}} -> {'optim.lr': 1e-4}, at any depth (lists stay whole)."""
+    out = {}
+    for k, v in settings.items():
+        key = f"{prefix}{k}"
+        out |= flatten(v, f"{key}.") if isinstance(v, dict) and v else {key: v}
+    return out
+
+
 def _differences(results: list[dict]) -> list[str]:
-    """'moe.enabled=False lora.r=8': the settings in which the runs differ."""
-    flat = [{f"{sec}.{k}": v for sec, d in r["settings"].items() for k, v in d.items()} for r in results]
+    """'moe.enabled=False optim.lr=0.0003': every setting of the runs' configs in which they differ."""
+    flat = [flatten(r["settings"]) for r in results]
+
+    def own_path(k):  # checkpoint dirs, log dirs: each run's run_dir inside, so they always differ
+        return all(f.get("run_dir") and str(f["run_dir"]) in str(f.get(k)) for f in flat)
+
+    flat = [{k: v for k, v in f.items() if k not in IGNORED and not own_path(k)} for f in flat]
     keys = sorted({k for f in flat for k in f if len({str(g.get(k)) for g in flat}) > 1})
     return [" ".join(f"{k}={f.get(k)}" for k in keys) or "(same settings)" for f in flat]
 

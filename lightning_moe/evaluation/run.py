@@ -20,14 +20,17 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from lightning_moe.checkpointing.load import load_trained, plan_load, plan_tokenizer
+from lightning_moe.checkpointing.load import LoadPlan, load_trained, plan_load, plan_tokenizer
+from lightning_moe.checkpointing.outputs import check_output
 from lightning_moe.config.schema import ConfigError
 from lightning_moe.data.chat import ChatRenderer
 from lightning_moe.data.datamodule import ChatDataModule
 from lightning_moe.evaluation import probes as probe_sets
 from lightning_moe.evaluation.evaluator import EvalModule
 from lightning_moe.evaluation.report import compare_table, markdown
+from lightning_moe.reporting.console import progress_bar
 from lightning_moe.reporting.heatmap import heatmap
+from lightning_moe.reporting.redact import redact
 from lightning_moe.reporting.summary import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -72,8 +75,7 @@ def _losses(rows: list[dict], domains: list[str], base: bool) -> dict:
     return {"overall": block(rows), "per_domain": per_domain}
 
 
-def evaluate_one(source: Path, cfg: DictConfig, overrides: list[str], out: Path) -> dict:
-    plan = plan_load(source, cfg.checkpoint, overrides, cfg.device)
+def evaluate_one(plan: LoadPlan, source: Path, cfg: DictConfig, out: Path) -> dict:
     s = plan.sections
     tokenizer = plan_tokenizer(plan)
     groups = {}
@@ -94,7 +96,7 @@ def evaluate_one(source: Path, cfg: DictConfig, overrides: list[str], out: Path)
     accelerator = "gpu" if run.device.type == "cuda" else "cpu"
     trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=trainer_cfg.get("precision", "32-true"),
                          logger=CSVLogger(str(out), name="logs", version=""), enable_checkpointing=False,
-                         enable_model_summary=False, enable_progress_bar=False)
+                         enable_model_summary=False, callbacks=[progress_bar("evaluating")])
     t0 = time.monotonic()
     trainer.validate(module, dataloaders=loaders, verbose=False)
     seconds = time.monotonic() - t0
@@ -102,7 +104,7 @@ def evaluate_one(source: Path, cfg: DictConfig, overrides: list[str], out: Path)
     result = {
         "run": str(plan.run_dir), "checkpoint": str(plan.checkpoint or Path(source) / "trainable.safetensors"),
         "global_step": plan.global_step, "trained_params": sum(v.numel() for v in plan.state.values()),
-        "settings": {k: OmegaConf.to_container(plan.cfg[k], resolve=True) for k in ("lora", "moe")},
+        "settings": redact(OmegaConf.to_container(plan.cfg, resolve=True)),  # compare tables show what differs
         "data": {"source": list(cfg.files) or "the run's validation split", **dm.stats.get("val", {})},
         **_losses(module.rows[0], s.domains, cfg.base),
         "seconds": round(seconds, 2),
@@ -134,23 +136,24 @@ def _write(result: dict, out: Path) -> None:
 
 
 def evaluate(cfg: DictConfig, overrides: list[str]) -> Path:
+    """Every run is planned (config, checkpoint, base model) and the output checked before anything is written or
+    any weights load: a damaged checkpoint in the third run of a list leaves no half comparison behind."""
     runs = runs_of(cfg.run)
+    plans = [plan_load(source, cfg.checkpoint, overrides, cfg.device) for source in runs]
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    # the run's own eval/ (also for run=R/export or a .ckpt), the one place in a run that evaluate.py writes
+    default = plans[0].run_dir / "eval" / stamp if len(runs) == 1 else Path("runs") / "eval" / stamp
+    out = check_output(cfg.out or default, folder=True, inputs=[*cfg.files])
     if len(runs) == 1:
-        out = Path(cfg.out) if cfg.out else runs[0] / "eval" / stamp
-        if (out / "eval.json").exists():
-            raise ConfigError(f"out: {out} already holds an evaluation; give another out=DIR")
-        result = evaluate_one(runs[0], cfg, overrides, out)
+        result = evaluate_one(plans[0], runs[0], cfg, out)
         print(markdown(result))
         print(f"evaluation -> {out}")
         return out
-    out = Path(cfg.out) if cfg.out else Path("runs") / "eval" / stamp
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"out: {out} exists and is not empty; give another out=DIR")
     results = []
-    for i, source in enumerate(runs):
+    for i, (source, plan) in enumerate(zip(runs, plans)):
         log.info("evaluating %s (%d of %d)", source, i + 1, len(runs))
-        results.append(evaluate_one(source, cfg, overrides, out / f"{i:02d}_{source.name}"))
+        results.append(evaluate_one(plan, source, cfg, out / f"{i:02d}_{source.name}"))
+        plans[i] = None  # its trained tensors are not needed any more
     table = compare_table(results)
     write_json_atomic(out / "compare.json", {"runs": results})
     (out / "compare.md").write_text(table)

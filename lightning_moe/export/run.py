@@ -12,6 +12,7 @@ The format is checked against the run's form, and the output folder against what
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -21,32 +22,49 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from lightning_moe.checkpointing.load import LoadPlan, load_trained, plan_load
+from lightning_moe.checkpointing.outputs import check_free_space, check_output
 from lightning_moe.export import adapters
 from lightning_moe.export.folder import ExportFolder, refuse_existing, write_manifest, write_tokenizer_and_stops
-from lightning_moe.export.forms import check_format
+from lightning_moe.config.export_forms import check_format
 from lightning_moe.models.build import torch_dtype
 
 ROUTE = Path(__file__).with_name("route.py")
+REBUILD = Path(__file__).with_name("rebuild_base.py")
 SERVER_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank values
 
 
 def export(cfg: DictConfig, overrides: list[str]) -> Path:
-    out = Path(cfg.out)
+    out = check_output(cfg.out, folder=True)  # a new folder, outside every run, where we can write
     refuse_existing(out)
     plan = plan_load(cfg.run, cfg.checkpoint, overrides, cfg.device)
     check_format(cfg.format, plan.sections)  # before any weights
+    check_free_space(out, _needed_bytes(cfg, plan))
     run = load_trained(plan, cfg.device)
     with ExportFolder(out) as folder:
-        stops = write_tokenizer_and_stops(run.tokenizer, folder)
         manifest = {"format": cfg.format, "run": str(plan.run_dir), "checkpoint": str(plan.checkpoint),
                     "global_step": plan.global_step, "base_model": plan.sections.model.name_or_path,
-                    "base_init": plan.sections.model.init, "stop_token_ids": stops}
+                    "base_init": plan.sections.model.init}
         manifest |= {"merged": _merged, "peft": _peft, "per_domain": _per_domain}[cfg.format](run, plan, folder, cfg)
+        # after the format's files: save_pretrained writes a generation_config.json of its own (a scalar EOS)
+        manifest["stop_token_ids"] = write_tokenizer_and_stops(run.tokenizer, folder)
         write_manifest(folder, manifest)
     print(f"{cfg.format} export of {plan.run_dir} (step {plan.global_step}) -> {out}")
     if cfg.format == "per_domain":
         print(serve_command(out, manifest))
     return out
+
+
+def _needed_bytes(cfg: DictConfig, plan: LoadPlan) -> int:
+    """About what the export writes: the whole model for merged (counted on the meta device: no memory), the
+    trained tensors (one copy per domain adapter) otherwise."""
+    trained = sum(v.numel() for v in plan.state.values()) * 4
+    if cfg.format != "merged":
+        return trained * (plan.sections.moe.num_experts + 1 if cfg.format == "per_domain" else 1)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(plan.hf_config).parameters())
+    return params * torch_dtype(cfg.dtype or plan.sections.model.dtype).itemsize
 
 
 def _merged(run, plan: LoadPlan, folder: Path, cfg: DictConfig) -> dict:
@@ -98,18 +116,40 @@ def _per_domain(run, plan: LoadPlan, folder: Path, cfg: DictConfig) -> dict:
             "rule": "argmax(weight @ mean of that input over the pooled prompt tokens)", "moe": asdict(s.moe)}
     (router_dir / "router.json").write_text(json.dumps(spec, indent=2) + "\n")
     shutil.copy(ROUTE, router_dir / "route.py")
-    return {"adapters": names, "rank": rank, "router": "router/ (route.py: Router(export, base).pick(messages))",
-            "base": base or _random_base_note(plan)}
+    manifest = {"adapters": names, "rank": rank, "router": "router/ (route.py: Router(export, base).pick(messages))",
+                "base": base or _random_base_note(plan)}
+    if base is None:
+        manifest["base_rebuild"] = _random_base(run, plan, folder / "base")
+    return manifest
+
+
+def _random_base(run, plan: LoadPlan, where: Path) -> str:
+    """A random base has no name a server can load: write its config and how training drew it, and the script that
+    rebuilds it as a transformers folder (`vllm serve` and route.py then point at that folder)."""
+    where.mkdir()
+    hf = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
+    hf.config.save_pretrained(where)  # the vocabulary as training padded it
+    spec = {"seed": plan.record.get("seed", plan.cfg.get("seed", 0)), "dtype": plan.sections.model.dtype,
+            "init_device": plan.record.get("init_device", "cpu"), "arch": plan.sections.model.arch}
+    (where / "rebuild.json").write_text(json.dumps(spec, indent=2) + "\n")
+    shutil.copy(REBUILD, where / "rebuild_base.py")
+    return "python base/rebuild_base.py BASE_DIR (in this folder): writes the random base for vllm serve / route.py"
 
 
 def serve_command(out: Path, manifest: dict) -> str:
-    base = manifest["base"] if manifest["base_init"] == "pretrained" else "BASE_MODEL"
-    modules = " ".join(f"{n}={out / n}" for n in manifest["adapters"])
-    rank = manifest["rank"]
-    return ("serve every domain over one copy of the base with vLLM (not run here: no GPU vLLM install):\n"
-            f"  vllm serve {base} --enable-lora --max-lora-rank {rank} --max-loras {len(manifest['adapters'])} "
-            f"--lora-modules {modules}\n"
-            f"  and pick the adapter per request: python {out / 'router' / 'route.py'} --base {base} --messages M.json")
+    q = shlex.quote  # paths survive copy and paste, spaces included
+    lines = ["serve every domain over one copy of the base with vLLM (not run here: no GPU vLLM install):"]
+    if manifest["base_init"] == "pretrained":
+        base = q(manifest["base"])
+    else:
+        base = q(str(out.parent / f"{out.name}-base"))
+        lines.append(f"  python {q(str(out / 'base' / 'rebuild_base.py'))} {base}    # the random base, rebuilt once")
+    modules = " ".join(q(f"{n}={out / n}") for n in manifest["adapters"])
+    lines += [f"  vllm serve {base} --enable-lora --max-lora-rank {manifest['rank']} "
+              f"--max-loras {len(manifest['adapters'])} --lora-modules {modules}",
+              f"  python {q(str(out / 'router' / 'route.py'))} --base {base} --messages M.json    # the adapter "
+              "for a conversation"]
+    return "\n".join(lines)
 
 
 def export_run(cfg: DictConfig, overrides: list[str]) -> Path:

@@ -4,17 +4,15 @@ before the weights load, then generated in batches, and the output file written 
 from __future__ import annotations
 
 import json
-import logging
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from lightning_moe.checkpointing.load import LoadPlan, load_trained, plan_tokenizer
+from lightning_moe.checkpointing.outputs import write_file_atomic
 from lightning_moe.generation.generate import Generator, Sampling
 from lightning_moe.generation.prompts import checked_prompt, routing_of
-
-log = logging.getLogger(__name__)
+from lightning_moe.reporting.console import progress
 
 
 def sampling_of(cfg: DictConfig) -> Sampling:
@@ -28,7 +26,7 @@ def with_system(messages: list[dict], prompt: str | None) -> list[dict]:
 
 
 def generate_file(plan: LoadPlan, rows: list[dict], cfg: DictConfig) -> Path:
-    out = Path(cfg.out)
+    out = Path(cfg.out)  # checked by generate.py before the run was read (checkpointing.outputs.check_output)
     system = cfg.system_prompt or plan.sections.data.system_prompt
     tokenizer = plan_tokenizer(plan)
     context = getattr(plan.hf_config, "max_position_embeddings", None)
@@ -37,16 +35,14 @@ def generate_file(plan: LoadPlan, rows: list[dict], cfg: DictConfig) -> Path:
     gen = Generator(load_trained(plan, cfg.device, tokenizer))
     sampling = sampling_of(cfg)
     results = []
-    for start in range(0, len(prompts), cfg.batch_size):
+    starts = range(0, len(prompts), cfg.batch_size)
+    for start in progress(starts, len(starts), f"generating ({len(rows)} prompts, {cfg.batch_size} a batch)"):
         replies = gen.generate(prompts[start:start + cfg.batch_size], sampling)
         for row, reply in zip(rows[start:start + cfg.batch_size], replies):
             row = {k: v for k, v in row.items() if k != "_row"}
             results.append(row | {"reply": reply.text, "finish_reason": reply.finish_reason, "routing": reply.routing})
-        log.info("%d / %d prompts", len(results), len(rows))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
-    os.replace(tmp, out)  # nothing written half: the file appears whole or not at all
+    # nothing written half: the file appears whole or not at all, and no temporary file outlives a failure
+    write_file_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
     print(f"{len(results)} replies -> {out}")
     if gen.run.device.type == "cuda":
         import torch

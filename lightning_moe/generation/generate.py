@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import StoppingCriteriaList
 
 from lightning_moe.checkpointing.load import TrainedRun
 from lightning_moe.data.chat import end_of_turn_ids
@@ -73,7 +74,8 @@ class Generator:
         return ids.to(dev), mask.to(dev), routing
 
     @torch.no_grad()
-    def generate(self, prompts: list[Prompt], sampling: Sampling, streamer=None, use_cache: bool = True) -> list[Reply]:
+    def generate(self, prompts: list[Prompt], sampling: Sampling, streamer=None, use_cache: bool = True,
+                 stopping_criteria=None) -> list[Reply]:
         ids, mask, routing = self._batch(prompts)
         ctx = self.run.routing
         ctx.generation = routing
@@ -85,7 +87,8 @@ class Generator:
         try:
             out = self.run.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens, streamer=streamer,
-                eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id, use_cache=use_cache, **options)
+                eos_token_id=self.stop_ids, pad_token_id=self.tok.pad_token_id, use_cache=use_cache,
+                stopping_criteria=StoppingCriteriaList(stopping_criteria or []), **options)
         finally:
             hook.remove()
             ctx.generation = None

@@ -18,7 +18,8 @@ class PromptError(ConfigError):
     """A prompt file or row that cannot be generated from; the message names the file and row."""
 
 
-def check_messages(messages, where: str) -> list[dict]:
+def check_messages(messages, where: str, prompt: bool = True) -> list[dict]:
+    """The turns of a conversation, checked; `prompt`: it must end with the user's turn (generate.py's rows)."""
     if not isinstance(messages, list) or not messages:
         raise PromptError(f"{where}: 'messages' must be a non-empty list of {{role, content}} turns")
     for i, turn in enumerate(messages):
@@ -26,7 +27,7 @@ def check_messages(messages, where: str) -> list[dict]:
             raise PromptError(f"{where}: turn {i} must be {{role: {'|'.join(ROLES)}, content: str}}, got {turn!r:.80}")
         if turn["role"] == "system" and i:
             raise PromptError(f"{where}: turn {i} is a system turn; only the first turn may be")
-    if messages[-1]["role"] != "user":
+    if prompt and messages[-1]["role"] != "user":
         raise PromptError(f"{where}: the last turn is {messages[-1]['role']!r}; a prompt ends with the user's turn")
     return [{"role": t["role"], "content": t["content"]} for t in messages]
 

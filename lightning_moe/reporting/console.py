@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
@@ -109,5 +110,69 @@ def run_report(summary: dict, run_dir) -> str:
         lines.append("  next: run the same command again to resume")
     elif summary["stop_reason"] not in ("error",):
         lines += ["  next:", f"    python evaluate.py run={run_dir}", f"    python chat.py run={run_dir}",
-                  f"    python export.py run={run_dir} format=merged|peft|per_domain out=DIR"]
+                  f"    {export_hint(run_dir)}"]
     return "\n".join(lines)
+
+
+def export_hint(run_dir) -> str:
+    """export.py with only the formats this run's form can produce (config/export_forms.py), or why none."""
+    from omegaconf import OmegaConf
+
+    from lightning_moe.config import validate_config
+    from lightning_moe.config.export_forms import export_formats
+
+    formats = export_formats(validate_config(OmegaConf.load(Path(run_dir) / "config.yaml")))
+    if not formats:
+        return (f"# export.py: none of merged|peft|per_domain fits this run's experts; generate.py and chat.py load "
+                f"it from {run_dir}/export/ (MOE_TRAINING_GUIDE.md section 11 says which forms export)")
+    return f"python export.py run={run_dir} format={'|'.join(formats)} out=DIR"
+
+
+class PlainProgress(ProgressBar):
+    """Evaluation progress for a log file: a plain line at every tenth of each loader, with elapsed time and ETA
+    (a redrawn bar leaves nothing readable in a file). On a terminal, progress_bar gives Lightning's bar."""
+
+    def __init__(self, what: str, stream=None):
+        super().__init__()
+        self.what, self.stream = what, stream
+        self._t0 = 0.0
+
+    def disable(self) -> None:  # Lightning calls these on non-zero ranks; evaluation runs in one process
+        pass
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._t0 = time.monotonic()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        total = trainer.num_val_batches[dataloader_idx]
+        done = batch_idx + 1
+        if total and total != float("inf") and (done == total or done % max(1, int(total) // 10) == 0):
+            elapsed = time.monotonic() - self._t0
+            eta = elapsed / done * (total - done)
+            print(f"{self.what} set {dataloader_idx + 1}: batch {done}/{int(total)} | elapsed {_clock(elapsed)} | "
+                  f"ETA {_clock(eta)}", file=self.stream or sys.stdout, flush=True)
+
+
+def progress_bar(what: str):
+    """The progress callback of a long Lightning loop: tqdm's bar on a terminal, plain lines in a log file."""
+    if sys.stdout.isatty():
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        return TQDMProgressBar()
+    return PlainProgress(what)
+
+
+def progress(items, total: int, what: str):
+    """Iterate `items` with progress: tqdm on a terminal, otherwise a plain line at every tenth of `total`."""
+    if sys.stdout.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=what)
+        return
+    t0 = time.monotonic()
+    for i, item in enumerate(items, 1):
+        yield item
+        if i == total or i % max(1, total // 10) == 0:
+            elapsed = time.monotonic() - t0
+            print(f"{what}: {i}/{total} | elapsed {_clock(elapsed)} | ETA {_clock(elapsed / i * (total - i))}",
+                  flush=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from lightning_moe.reporting.redact import redact_text
+from lightning_moe.reporting.redact import redact, redact_text
 from lightning_moe.upstream import keep_csv_history
 
 _AppendingWriter = keep_csv_history(ExperimentWriter)  # Lightning's writer deletes an existing metrics.csv
@@ -42,8 +42,11 @@ def wandb_logger(save_dir: str, project: str = "lightning-moe", name: str | None
     run_dir = Path(save_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id = kwargs.pop("id", None) or hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
-    logger = WandbLogger(save_dir=str(run_dir), project=project, name=name or run_dir.name, id=run_id, resume="allow",
-                         offline=offline, **kwargs)
+    # the wandb run records these (name, notes, tags, group, config...) and `wandb sync` uploads them: Hydra resolved
+    # any ${oc.env:...} in them, so mask secrets as config.yaml does
+    kwargs = redact(kwargs)
+    logger = WandbLogger(save_dir=str(run_dir), project=project, name=redact_text(name or run_dir.name), id=run_id,
+                         resume="allow", offline=offline, **kwargs)
     # wandb records the command line (sys.argv) in the run it uploads: start the run with the secrets masked in it
     argv = sys.argv
     sys.argv = [redact_text(a) for a in argv]

@@ -1,4 +1,6 @@
-"""Hydra callback: after a multirun, one table of every trial's final metrics (sweep_summary.csv/.md)."""
+"""Hydra callback: after a multirun, one table of every trial's final metrics (sweep_summary.csv/.md); and the
+sweep directory's multirun.yaml, which Hydra's sweeper writes with the command line in it, secrets masked as in
+each trial's .hydra/ (lightning_moe.reporting.record) before the first trial starts."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ from pathlib import Path
 
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_moe.reporting.redact import RedactingFilter, redact
 
 log = logging.getLogger(__name__)
 
+LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.lightning_moe_optuna.sweeper")
 COLUMNS = ["stop_reason", "global_step", "train_loss", "val_loss", "best_val_loss", "tokens_per_s", "elapsed_s"]
 
 
@@ -58,14 +63,37 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mask_multirun_yaml(sweep_dir: Path) -> None:
+    """multirun.yaml with secrets masked (an override's token appears three times: its value, hydra.overrides
+    and the job's override_dirname)."""
+    path = sweep_dir / "multirun.yaml"
+    if path.is_file():
+        plain = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        masked = redact(plain)
+        if masked != plain:
+            OmegaConf.save(OmegaConf.create(masked), path)
+
+
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)  # e.g. for the Optuna sqlite storage
+        # the launcher logs each job's overrides ("#0 : ...") after configuring logging anew (handlers' filters are
+        # gone by then), before the job masks its own logs: filter at the launchers' loggers themselves
+        for name in LAUNCHER_LOGGERS:
+            if not any(isinstance(f, RedactingFilter) for f in logging.getLogger(name).filters):
+                logging.getLogger(name).addFilter(RedactingFilter())
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        # Hydra's BasicSweeper writes multirun.yaml after on_multirun_start, before the first job: mask it here
+        sweep = OmegaConf.select(config, "hydra.sweep.dir")
+        if sweep and OmegaConf.select(config, "hydra.mode") and str(config.hydra.mode).endswith("MULTIRUN"):
+            mask_multirun_yaml(Path(sweep))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
+        mask_multirun_yaml(sweep_dir)
         rows = collect(sweep_dir)
         cols = ["job", "overrides", *COLUMNS, "error"]
         with open(sweep_dir / "sweep_summary.csv", "w", newline="") as f:

@@ -8,7 +8,8 @@
 | any experts routed per token                      | no     | no   | no |
 | upcycled experts                                  | no     | no   | no |
 Forms that are not standard models export in this project's own format (the run's export/ folder), loaded by
-lightning_moe.checkpointing.load (evaluate.py, generate.py, chat.py).
+lightning_moe.checkpointing.load (evaluate.py, generate.py, chat.py). Here in config/ (no torch) because both
+export.py and the end-of-run report (which offers only the formats a run can produce) ask it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ FORMATS = ("merged", "peft", "per_domain")
 SERVABLE = "LoRA experts (moe.expert=lora) routed once per conversation or turn (moe.routing_level=sequence|turn), " \
            "top-1 (moe.top_k=1, router topk), with one decision for every MoE layer (moe.tied_router=true): " \
            "+recipe=servable_tiny or +recipe=therapeutic_servable"
+
+
+def export_formats(s: Sections) -> list[str]:
+    """The formats this run's form can be exported to (possibly none)."""
+    out = []
+    for fmt in FORMATS:
+        try:
+            check_format(fmt, s)
+            out.append(fmt)
+        except ConfigError:
+            pass
+    return out
 
 
 def check_format(fmt: str, s: Sections) -> None:
