@@ -3,13 +3,14 @@
 #   make run ARGS="+recipe=counsel_chat_tiny"     train.py with overrides
 #   make test-fast                                 the tests without the slow ones (while developing)
 #   make TORCH=torch test                          a GPU machine: torch's default (CUDA) build
+#   make smollm2                                   a real pretrained model: cache/models/smollm2-135m-instruct
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-fast
+.PHONY: install run test test-fast smollm2
 
 install: $(VENV)/.installed
 
@@ -29,3 +30,6 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+
+smollm2: install
+	$(BIN)/python scripts/get_model.py
