@@ -107,11 +107,11 @@ def run_guarded(*args: str, entry: str = "train.py", cwd: Path = REPO, env: dict
     return out, json.loads(report.read_text())
 
 
-def run_script(script: Path, *args, cwd: Path = REPO):
+def run_script(script: Path, *args, cwd: Path = REPO, timeout: float = 120, env: dict | None = None):
     """Run a scripts/ file as from a fresh clone (no PYTHONPATH); stdout and stderr kept apart."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = env or {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run([sys.executable, str(script), *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -146,3 +146,21 @@ FAST = [
     "data.max_length=128",
     "data.batch_size=4",
 ]
+
+
+SMOLLM2_DIR = REPO / "cache" / "models" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real pretrained model (SmolLM2-135M-Instruct) converted by scripts/get_model.py into the repository's
+    git-ignored cache: downloaded and converted once (about two minutes), then reused by every later session;
+    pytest-xdist's workers wait on a file lock rather than converting it twice."""
+    from filelock import FileLock
+
+    SMOLLM2_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(SMOLLM2_DIR.parent / ".smollm2.lock")):
+        if not (SMOLLM2_DIR / "source.json").is_file():
+            out = run_script(REPO / "scripts" / "get_model.py", timeout=900)
+            assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return SMOLLM2_DIR

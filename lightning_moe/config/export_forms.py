@@ -19,7 +19,7 @@ from lightning_moe.config.schema import ConfigError, Sections
 FORMATS = ("merged", "peft", "per_domain")
 SERVABLE = "LoRA experts (moe.expert=lora) routed once per conversation or turn (moe.routing_level=sequence|turn), " \
            "top-1 (moe.top_k=1, router topk), with one decision for every MoE layer (moe.tied_router=true): " \
-           "+recipe=servable_tiny or +recipe=therapeutic_servable"
+           "+recipe=servable_tiny, +recipe=smollm2_servable or +recipe=therapeutic_servable"
 
 
 def export_formats(s: Sections) -> list[str]:

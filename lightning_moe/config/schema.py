@@ -129,6 +129,12 @@ class MoEConfig:
     # layer), which is what makes a conversation's model one standard adapter (export.py format=per_domain)
     tied_router: bool = False
     router_init_std: float = 0.02
+    # RMS-normalise what the router reads (each token, or each pooled unit) before scoring it. A pretrained model's
+    # MLP input is small (its norm's gains: RMS about 0.1-0.4 in SmolLM2) and dominated by a few outlier dimensions
+    # shared by every token, so the logits start near zero (routing entropy = ln E) and Adam's bounded steps move
+    # them slowly: the first expert to pull ahead takes every token. At unit RMS the logits move by the same amount a
+    # step whatever the model's scale (MOE_TRAINING_GUIDE.md section 5). Off for the random-weight tiny models.
+    router_input_norm: bool = False
     capacity_factor: float = 1.25  # switch: tokens per expert = factor * tokens / E; expert_choice: experts per token
     dynamic_mode: str = "top_p"  # top_p | threshold
     dynamic_p: float = 0.5  # top_p: keep experts until their probability mass reaches p

@@ -70,6 +70,8 @@ class Router:
         self._inputs.clear()
         self.model(input_ids=torch.tensor([ids], device=self.device))
         pooled = self._inputs[0][0, begin:end].float().mean(0)
+        if self.spec["moe"].get("router_input_norm"):  # as training scored it (the pick is the same either way)
+            pooled = pooled * torch.rsqrt(pooled.pow(2).mean() + 1e-6)
         return self.weight @ pooled
 
     def pick(self, messages: list[dict]) -> str:

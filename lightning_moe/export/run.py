@@ -113,7 +113,8 @@ def _per_domain(run, plan: LoadPlan, folder: Path, cfg: DictConfig) -> dict:
     spec = {"layer": leader.layer_idx, "routing_level": s.moe.routing_level, "pooling": s.moe.pooling,
             "adapters": names, "input": f"the input of model.layers[{leader.layer_idx}].mlp (after its "
             "post-attention norm), computed by the base + the global adapter", "dtype": "float32",
-            "rule": "argmax(weight @ mean of that input over the pooled prompt tokens)", "moe": asdict(s.moe)}
+            "rule": "argmax(weight @ mean of that input over the pooled prompt tokens"
+            + (", RMS-normalised)" if s.moe.router_input_norm else ")"), "moe": asdict(s.moe)}
     (router_dir / "router.json").write_text(json.dumps(spec, indent=2) + "\n")
     shutil.copy(ROUTE, router_dir / "route.py")
     manifest = {"adapters": names, "rank": rank, "router": "router/ (route.py: Router(export, base).pick(messages))",

@@ -35,12 +35,18 @@ def span_mean(x: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
     return (c[row, end] - c[row, start]) / (end - start).clamp(min=1).unsqueeze(-1).to(acc)
 
 
+def rms_normalise(rows: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each row scaled to unit root-mean-square (no learned gain): what moe.router_input_norm gives the router."""
+    return rows * torch.rsqrt(rows.float().pow(2).mean(-1, keepdim=True) + eps).to(rows.dtype)
+
+
 class MoEBlock(nn.Module):
     def __init__(self, mlp: nn.Module, router: Router, experts: nn.Module, form: str, layer_idx: int,
                  context: RoutingContext, level: str = "token", dispatch: str = "dense",
-                 shared: SharedExpert | None = None, tied: str = "none"):
+                 shared: SharedExpert | None = None, tied: str = "none", input_norm: bool = False):
         super().__init__()
         self.form, self.level, self.dispatch, self.layer_idx = form, level, dispatch, layer_idx
+        self.input_norm = input_norm  # moe.router_input_norm: the router reads RMS-normalised rows
         # moe.tied_router: the first MoE block decides ("leads") and the later ones apply its decision ("follows"), so
         # one conversation goes to one expert index in every layer; a follower's own router is unused (frozen)
         self.tied = tied
@@ -65,7 +71,8 @@ class MoEBlock(nn.Module):
         """(router output or None for a cached decoding step, per-token gates (T, E), the record's rows)."""
         ctx, gen = self.context, self.context.generation
         if self.level == "token":
-            out = self.router(flat, meta["mask"], None if ctx.packed else x.shape[-2], generating=gen is not None)
+            out = self.router(self._router_input(flat), meta["mask"], None if ctx.packed else x.shape[-2],
+                              generating=gen is not None)
             if gen is not None and gen.offset > 0:  # a reply token (cached step): what generation reports
                 per_row = out.gates.detach().float().view(x.shape[0], -1, out.gates.shape[-1]).sum(1)
                 gen.reply_gates[self.layer_idx] = gen.reply_gates.get(self.layer_idx, 0) + per_row
@@ -77,7 +84,7 @@ class MoEBlock(nn.Module):
         else:
             spans = meta["unit_spans"]
             pooled = span_mean(x.reshape(-1, x.shape[-2], x.shape[-1]), spans)
-            out = self.router(pooled, torch.ones(spans.shape[0], dtype=torch.bool, device=x.device),
+            out = self.router(self._router_input(pooled), torch.ones(spans.shape[0], dtype=torch.bool, device=x.device),
                               generating=gen is not None)
             unit_gates = out.gates
         if gen is not None and self.tied != "follows":
@@ -87,6 +94,9 @@ class MoEBlock(nn.Module):
         gates = unit_gates[meta["unit_ids"].clamp(min=0)] * meta["mask"].unsqueeze(-1)
         ones = torch.ones(unit_gates.shape[0], dtype=torch.bool, device=x.device)
         return out, gates, (ones, meta["unit_domain"], meta["unit_example"])
+
+    def _router_input(self, rows: torch.Tensor) -> torch.Tensor:
+        return rms_normalise(rows) if self.input_norm else rows
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ctx = self.context
@@ -129,7 +139,8 @@ def build_block(mlp: nn.Module, router: Router, layer_idx: int, context: Routing
                               moe.shared_expert_gate)
     dispatch = moe.dispatch if moe.dispatch != "auto" else ("grouped" if moe.expert == "upcycled" else "dense")
     device = next(mlp.parameters()).device
-    block = MoEBlock(mlp, router, experts, moe.expert, layer_idx, context, moe.routing_level, dispatch, shared, tied)
+    block = MoEBlock(mlp, router, experts, moe.expert, layer_idx, context, moe.routing_level, dispatch, shared, tied,
+                     input_norm=moe.router_input_norm)
     for part in (block.router, block.shared, None if moe.expert == "lora" else block.experts):  # lora: made in place
         if part is not None:
             part.to(device)
