@@ -12,7 +12,7 @@ from conftest import tiny_model
 from test_moe import record
 
 from lightning_moe.config.schema import MoEConfig
-from lightning_moe.moe.inject import inject_moe
+from lightning_moe.models.inject import inject_moe
 from lightning_moe.moe.layer import RoutingContext, rms_normalise
 from lightning_moe.moe.losses import domain_routing_loss
 from lightning_moe.moe.routers.topk import TopKRouter
