@@ -52,6 +52,12 @@ def compiled_modules(model: torch.nn.Module, scope: str) -> list[torch.nn.Module
     return modules
 
 
+def kernelized_attention(model: torch.nn.Module) -> bool:
+    """Whether the model's modules carry `kernels`' use_kernelized_func wrapper (transformers 5.2x with `kernels`)."""
+    return any(hasattr(type(m).forward, "__wrapped__") and "_ACTIVE_KERNEL_FUNCS" in type(m).forward.__globals__
+               for m in model.modules())
+
+
 def allow_restored_side_effects_under_checkpoint(config) -> None:
     """Let dynamo trace a checkpointed layer whose forward sets and then restores a module-level variable.
 
@@ -64,7 +70,8 @@ def allow_restored_side_effects_under_checkpoint(config) -> None:
     it found it (tests/test_compile.py checks its state after a compiled step), and nothing here kernelises a
     model, so the routed function is the plain one either way. Our own side effect, the MoE block's routing record,
     never sits inside a compiled checkpoint: `compiled_modules` compiles a checkpointed MoE layer child by child,
-    so its checkpoint stays eager. torchtitan and transformers' own per-layer compile set the same switch."""
+    so its checkpoint stays eager. torchtitan and transformers' own per-layer compile set the same switch. Set only
+    where the wrapper is (`kernelized_attention`): transformers 5.17 has none, and dynamo there keeps its default."""
     if hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # torch >= 2.9
         config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
@@ -78,7 +85,8 @@ def compile_model(model: torch.nn.Module, scope: str, backend: str = "inductor",
         # reach the default limit of 8, past which the remaining layers would run eagerly without a word
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 64)
-        allow_restored_side_effects_under_checkpoint(config)
+        if kernelized_attention(model):
+            allow_restored_side_effects_under_checkpoint(config)
     for mod in modules:
         mod.compile(backend=backend, mode=mode, dynamic=True)
     return len(modules)
