@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "LIGHTNING_API_KEY",
               "OPENAI_API_KEY", "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN")
@@ -39,9 +40,10 @@ def redact(obj):
     values = secret_values()
 
     def walk(x, key=""):
-        if isinstance(x, dict):
+        # any mapping or sequence: Hydra hands a logger's nested arguments over as DictConfig / ListConfig
+        if isinstance(x, Mapping):
             return {k: (MASK if SECRET_KEY.search(str(k)) and v else walk(v, k)) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
+        if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
             return [walk(v) for v in x]
         if isinstance(x, str) and (any(v in x for v in values) or TOKEN_PATTERNS.search(x)):
             return MASK

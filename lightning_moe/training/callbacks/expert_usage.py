@@ -90,13 +90,15 @@ class ExpertUsageMonitor(Callback):
         per_layer = self._tally.per_layer(reduce)
         for block in pl_module.moe_blocks:
             per_layer.get(f"layer{block.layer_idx}", {}).update(block.router.state_metrics())
+        # already summed over ranks, so every rank holds the same values: Lightning's epoch-level mean over ranks
+        # (sync_dist) leaves them as they are, and without it Lightning warns once per metric under DDP
         for name, v in self._flatten("val_moe", per_layer).items():
-            pl_module.log(name, v)
+            pl_module.log(name, v, sync_dist=True)
         report = {"global_step": trainer.global_step} | self._tally.report(per_layer, reduce)
         if "domain_expert_matrix" in report:
             for name, row in zip(pl_module.domains, report["domain_expert_matrix"]["all_layers"]):
-                pl_module.log_dict({f"val_routing/{name}/e{e}": v for e, v in enumerate(row)})
-            pl_module.log("val_routing/nmi", report["domain_expert_matrix"]["nmi"])
+                pl_module.log_dict({f"val_routing/{name}/e{e}": v for e, v in enumerate(row)}, sync_dist=True)
+            pl_module.log("val_routing/nmi", report["domain_expert_matrix"]["nmi"], sync_dist=True)
         self.val_report = report
         if trainer.is_global_zero:
             self._write(trainer, report)
