@@ -41,6 +41,11 @@ def main() -> None:
     p.add_argument("--stereoset", type=Path)
     p.add_argument("--probe-limit", type=int, help="the first N items of each probe set")
     p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--rows", nargs="+", help="only these rows (default: all); e.g. one process per row and seed")
+    p.add_argument("--matched-rank", type=int, help="the matched LoRA's rank if counted before (default: count it "
+                                                     "from the first seed's LoRA r16 and design runs, run first)")
+    p.add_argument("--probe-seeds", type=int, nargs="+", help="score the bias probes on these seeds' models only "
+                                                               "(default: every seed)")
     p.add_argument("--smoke", action="store_true", help="tiny data and steps: check the machinery on a CPU")
     a = p.parse_args()
     from lightning_moe.evaluation.study import StudyOptions, run_study
@@ -48,7 +53,8 @@ def main() -> None:
     options = StudyOptions(model=a.model, out=a.out, runs=a.runs, seeds=a.seeds, steps=a.steps,
                            train_args=shlex.split(a.train_args), eval_args=shlex.split(a.eval_args), esconv=a.esconv,
                            esconv_sample=a.esconv_sample, crows_pairs=a.crows_pairs, stereoset=a.stereoset,
-                           probe_limit=a.probe_limit, max_new_tokens=a.max_new_tokens, smoke=a.smoke)
+                           probe_limit=a.probe_limit, max_new_tokens=a.max_new_tokens, smoke=a.smoke,
+                           rows=a.rows, matched_rank=a.matched_rank, probe_seeds=a.probe_seeds)
     exit_on_user_error(lambda: run_study(options, REPO))
 
 

@@ -6,6 +6,8 @@ real model (benchmarks/2026-12-06_smollm2_quality/README.md)."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from conftest import COUNSEL_CHAT_CSV, REPO, run_script, tiny_model
@@ -51,30 +53,46 @@ def test_a_model_folder_that_is_not_one_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_rows_are_the_issues_and_an_unknown_row_is_refused_before_anything_runs(tmp_path):
+    from lightning_moe.evaluation.study import rows
+
+    study = rows(22)
+    assert [r.name for r in study] == ["lora_r16", "lora_matched", "lora_experts_token_top2", "lora_experts_servable"]
+    assert "moe=none" in study[1].overrides and "lora.r=22" in study[1].overrides
+    assert study[3].overrides == ["+recipe=smollm2_servable"]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    out = run_script(STUDY, "--model", tmp_path / "model", "--out", tmp_path / "out", "--rows", "lora_r61")
+    assert out.returncode == 2 and "lora_r61" in out.stderr and "lora_matched" in out.stderr, out.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not COUNSEL_CHAT_CSV.is_file(), reason="needs ../shared/datasets/counsel_chat")
-def test_the_smoke_study_writes_every_row_and_continues_where_it_stopped(tiny_model_dir, tmp_path):
+def test_a_smoke_row_is_trained_evaluated_asked_and_not_redone_even_without_its_run(tiny_model_dir, tmp_path):
+    """One row (the design: routing figures) and one seed through train.py, evaluate.py (with a bias probe) and
+    generate.py: three subprocesses. Every row runs the same code with other overrides (the test above)."""
     if not (REPO / "data" / "generated" / "counsel_chat.jsonl").is_file():
         assert run_script(REPO / "scripts" / "convert_counsel_chat.py").returncode == 0
-    # one seed and one evaluation set keep it to 12 subprocesses (the ESConv sample: the test above)
+    row = "lora_experts_token_top2"
     args = ["--model", tiny_model_dir, "--out", tmp_path / "results", "--runs", tmp_path / "runs", "--seeds", "0",
             "--smoke", "--crows-pairs", REPO.parent / "shared" / "datasets" / "crows_pairs" / "crows_pairs_anonymized.csv",
-            "--probe-limit", "4"]
+            "--probe-limit", "4", "--rows", row, "--matched-rank", "3"]
     out = run_script(STUDY, *args, timeout=1800)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert [Path(line.split()[1]).name for line in out.stdout.splitlines() if line.startswith("$ ")] == [
+        "train.py", "evaluate.py", "generate.py"]
     results = json.loads((tmp_path / "results" / "results.json").read_text())
-    rows = ["base", "lora_r16", "lora_experts_token_top2", "lora_matched", "lora_experts_servable"]
-    assert sorted(results["results"]) == sorted(rows)
-    design = results["results"]["lora_experts_token_top2"]
-    assert design["counsel_chat"]["nmi"]["n"] == 1 and list(results["results"])[0] == "base"
+    assert list(results["results"]) == ["base", row] and results["matched_rank"] == 3
+    design = results["results"][row]
+    assert design["counsel_chat"]["nmi"]["n"] == 1 and design["trained_params"] > 0
     assert "crows_pairs_stereotype_preference" in results["results"]["base"]["counsel_chat"]
-    assert results["results"]["lora_matched"]["trained_params"] == pytest.approx(design["trained_params"], rel=0.2)
-    for row in rows[1:]:
-        assert (tmp_path / "results" / "raw" / row / "seed0" / "eval_counsel_chat.json").is_file()
-        replies = [json.loads(line) for line in (tmp_path / "results" / "replies" / f"{row}_seed0.jsonl").open()]
-        assert len(replies) == 8 and all("reply" in r for r in replies)
-    table = (tmp_path / "results" / "results.md").read_text()
-    assert all(f"| {row} |" in table for row in rows)
+    assert (tmp_path / "results" / "raw" / row / "seed0" / "eval_counsel_chat.json").is_file()
+    replies = [json.loads(line) for line in (tmp_path / "results" / "replies" / f"{row}_seed0.jsonl").open()]
+    assert len(replies) == 8 and all("reply" in r for r in replies)
+    assert f"| {row} |" in (tmp_path / "results" / "results.md").read_text()
 
-    again = run_script(STUDY, *args, timeout=300)  # everything exists: only the table is written again
+    shutil.rmtree(tmp_path / "runs")  # a new machine: the results travelled, the checkpoints did not
+    again = run_script(STUDY, *args, timeout=300)  # everything measured: only the table is written again
     assert again.returncode == 0 and "$ " not in again.stdout, again.stdout[-2000:]
+    assert json.loads((tmp_path / "results" / "results.json").read_text())["results"] == results["results"]

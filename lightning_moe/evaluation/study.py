@@ -133,8 +133,20 @@ class Runner:
                                       *self.train_args, f"hydra.run.dir={run}"], run.parent / f"seed{seed}.train.log")
         return run
 
+    def _eval_file(self, row: Row, seed: int, name: str) -> Path:
+        return self.out / "raw" / row.name / f"seed{seed}" / f"eval_{name}.json"
+
+    def _replies_file(self, row: Row, seed: int) -> Path:
+        return self.out / "replies" / f"{row.name}_seed{seed}.jsonl"
+
+    def measured(self, row: Row, seed: int, sets: list[str]) -> bool:
+        return self._replies_file(row, seed).is_file() and all(self._eval_file(row, seed, s).is_file() for s in sets)
+
+    def evaluations(self, row: Row, seed: int, sets: list[str]) -> dict:
+        return {s: json.loads(self._eval_file(row, seed, s).read_text()) for s in sets}
+
     def evaluate(self, run: Path, row: Row, seed: int, name: str, args: list[str]) -> dict:
-        dest = self.out / "raw" / row.name / f"seed{seed}" / f"eval_{name}.json"
+        dest = self._eval_file(row, seed, name)
         if not dest.is_file():
             tmp = run / "eval" / f"study_{name}"
             if not (tmp / "eval.json").is_file():
@@ -145,7 +157,7 @@ class Runner:
         return json.loads(dest.read_text())
 
     def generate(self, run: Path, row: Row, seed: int, prompts: Path, max_new_tokens: int) -> None:
-        dest = self.out / "replies" / f"{row.name}_seed{seed}.jsonl"
+        dest = self._replies_file(row, seed)
         if not dest.is_file():
             dest.parent.mkdir(parents=True, exist_ok=True)
             self.command("generate.py", [f"run={run}", f"prompts={prompts}", f"out={dest}",
@@ -188,8 +200,9 @@ def _figures(ev: dict, which: str) -> dict:
 def _aggregate(figures: list[dict]):
     """Mean/std over seeds of nested figures (dicts of numbers or lists of numbers)."""
     first = figures[0]
-    if isinstance(first, dict):
-        return {k: _aggregate([f[k] for f in figures if k in f]) for k in first}
+    if isinstance(first, dict):  # every key any seed has: the probes score only some seeds (probe_seeds)
+        keys = dict.fromkeys(k for f in figures for k in f)
+        return {k: _aggregate([f[k] for f in figures if k in f]) for k in keys}
     if isinstance(first, list):
         return [_aggregate([f[i] for f in figures]) for i in range(len(first))]
     return mean_std(figures)
@@ -278,6 +291,11 @@ class StudyOptions:
     probe_limit: int | None = None
     max_new_tokens: int = 160
     smoke: bool = False  # tiny steps and data: the study's machinery, tested on a CPU
+    rows: list[str] | None = None  # only these rows (null: all); parallel processes split the study by row and seed
+    matched_rank: int | None = None  # the matched LoRA's rank, when counted before (null: count it from seed one's
+    #                                  LoRA r16 and design evaluations, which then run first)
+    probe_seeds: list[int] | None = None  # the bias probes score only these seeds' models (null: every seed); they
+    #                                       cost minutes per model and vary little from seed to seed
     counsel_chat: Path = Path("data/generated/counsel_chat.jsonl")
     work: Path = Path("data/generated/quality_study")  # derived data (ESConv sample, smoke subsets): not committed
 
@@ -286,6 +304,9 @@ def run_study(o: StudyOptions, repo: Path, log=print) -> dict:
     if not (Path(o.model) / "config.json").is_file():
         raise ConfigError(f"--model {o.model}: not a model folder (no config.json); create it with "
                           f"python scripts/get_model.py")
+    names = [r.name for r in rows(1)]
+    if set(o.rows or []) - set(names):
+        raise ConfigError(f"--rows {sorted(set(o.rows) - set(names))}: no such row; the rows are {names}")
     work = repo / o.work if not o.work.is_absolute() else o.work
     model = [f"model.name_or_path={Path(o.model).resolve()}"]
     if o.smoke and not o.steps:
@@ -300,9 +321,9 @@ def run_study(o: StudyOptions, repo: Path, log=print) -> dict:
                   "data.batch_tokens=512", "trainer.limit_val_batches=1"]
         evaluate_extra = ["data.max_length=128"]
     runner = Runner(repo, o.runs, o.out, list(o.train_args), [*model, *evaluate_extra, *o.eval_args], log)
-    sets = {"counsel_chat": [f"probes.{k}={v}" for k, v in (("crows_pairs", o.crows_pairs),
-                                                            ("stereoset", o.stereoset)) if v]
-                            + ([f"probes.limit={o.probe_limit}"] if o.probe_limit else [])}
+    probes = [f"probes.{k}={v}" for k, v in (("crows_pairs", o.crows_pairs), ("stereoset", o.stereoset)) if v]
+    probes += [f"probes.limit={o.probe_limit}"] if probes and o.probe_limit else []
+    sets = {"counsel_chat": []}
     if o.esconv:
         es = Path(o.esconv)
         if o.esconv_sample:
@@ -318,17 +339,23 @@ def run_study(o: StudyOptions, repo: Path, log=print) -> dict:
     write_prompts(prompts)
 
     def measure(row: Row, seed: int) -> dict:
+        if runner.measured(row, seed, list(sets)):  # a finished row-seed needs no run (a new machine has none)
+            return runner.evaluations(row, seed, list(sets))
         run = runner.train(row, seed, extra)
-        evals = {name: runner.evaluate(run, row, seed, name, args) for name, args in sets.items()}
+        with_probes = probes if o.probe_seeds is None or seed in o.probe_seeds else []
+        evals = {name: runner.evaluate(run, row, seed, name, args + (with_probes if name == "counsel_chat" else []))
+                 for name, args in sets.items()}
         runner.generate(run, row, seed, prompts, 16 if o.smoke else o.max_new_tokens)
         return evals
 
-    # LoRA r16 and the design first: their trainable parameters give the matched rank
-    first = {r.name: r for r in rows(None)}
-    counted = {n: measure(first[n], o.seeds[0])["counsel_chat"]["trained_params"]
-               for n in ("lora_r16", "lora_experts_token_top2")}
-    rank = lora_rank_matching(counted["lora_experts_token_top2"], counted["lora_r16"])
+    rank = o.matched_rank
+    if rank is None:  # LoRA r16 and the design first: their trainable parameters give the matched rank
+        first = {r.name: r for r in rows(None)}
+        counted = {n: measure(first[n], o.seeds[0])["counsel_chat"]["trained_params"]
+                   for n in ("lora_r16", "lora_experts_token_top2")}
+        rank = lora_rank_matching(counted["lora_experts_token_top2"], counted["lora_r16"])
     study_rows = rows(rank)
+    study_rows = [r for r in study_rows if o.rows is None or r.name in o.rows]
     for seed in o.seeds:
         for row in study_rows:
             measure(row, seed)
@@ -336,7 +363,9 @@ def run_study(o: StudyOptions, repo: Path, log=print) -> dict:
     what = {"base": "the base model, untrained (scored in the same evaluations)"} | {r.name: r.what for r in study_rows}
     from lightning_moe.reporting.summary import write_json_atomic
 
-    write_json_atomic(o.out / "results.json", {"seeds": o.seeds, "matched_rank": rank, "trained_params": counted,
+    write_json_atomic(o.out / "results.json", {"seeds": o.seeds, "matched_rank": rank,
+                                               "trained_params": {n: r.get("trained_params") for n, r in results.items()
+                                                                  if n != "base"},
                                                "sets": list(sets), "rows": what, "results": results})
     domains = list(PROMPTS)
     (o.out / "results.md").write_text(markdown(results, list(sets), domains, what))
