@@ -26,6 +26,8 @@ lightning_moe/models/architectures/, the bundled tokenizer):
                the JSON's compile_cache counts the graphs taken from the cache and generated
   real_h100_fp8  real_h100 with model.base_precision=fp8 (the frozen base's matmuls in FP8, lightning_moe/models/
                fp8.py); _fp8_cached: the frozen weights cast to FP8 once (model.fp8_weight_cache); real_h100_fast_fp8
+  VARIANT_ckptall  that variant with every decoder layer checkpointed (the recipe checkpoints 4 of 40): the peer's
+               memory, for the comparison at matched memory; real_h100_ckptall, real_h100_compile_ckptall
   --loss-parity  instead of variants: therapeutic_h100 on the real data with the first --parity-layers layers of
                --arch, one micro-batch an optimizer step, --parity-steps steps in bf16 and in fp8 (same seed, same
                data order): OUT/loss_parity.json holds both curves and their largest relative gap
@@ -80,7 +82,8 @@ VARIANTS = ["plain", "plain_liger", "moe", "nomoe", "multiseg", "multiseg_sdpa",
             "real_padded", "real_packed", "real_packed_h100", "real_packed_h200",
             "real_h100_compile", "real_h100_compile_layers", "real_h100_compile_moe", "real_h100_nomoe_compile",
             "moe_compile", "h200_compile", "real_h200_compile", "real_h100_fp8", "real_h100_fp8_cached",
-            "real_h100_fast_fp8", "trl_sft", "real_h100_compile_cold", "real_h100_compile_warm"]
+            "real_h100_fast_fp8", "trl_sft", "real_h100_compile_cold", "real_h100_compile_warm", "real_h100_ckptall",
+            "real_h100_compile_ckptall"]
 # the side-by-side of the speed work's targets: both baselines, synthetic full rows, several conversations a row, and
 # every recipe on real conversations (counsel-chat + ESConv)
 DEFAULT = ["plain", "plain_liger", "moe", "h100", "h200", "multiseg", "multiseg_sdpa", "real_h100", "real_h100_sdpa",
@@ -188,6 +191,9 @@ def train_args(name: str, a, out: Path, label: str | None = None) -> list[str]:
     if name.endswith(("_cold", "_warm")):  # VARIANT_cold / _warm: compile caches emptied first / left from _cold
         return train_args(name.rsplit("_", 1)[0], a, out, label=label or name) + [
             f"model.compile_cache_dir={compile_cache(a)}"]
+    if name.endswith("_ckptall"):  # VARIANT_ckptall: every decoder layer checkpointed, the peer's memory (trl_sft)
+        return train_args(name.removesuffix("_ckptall"), a, out, label=label or name) + [
+            "model.gradient_checkpointing=true", "model.gradient_checkpointing_layers=null"]
     if name.endswith(("_fp8", "_fp8_cached")):  # VARIANT_fp8: that variant with the frozen base in FP8
         base = name.rsplit("_fp8", 1)[0]
         return train_args(base, a, out, label=label or name) + [

@@ -27,6 +27,14 @@ from pathlib import Path
 
 from lightning_moe.config.schema import ConfigError, RunFailure
 
+def write_text_atomic(path: Path, text: str) -> None:
+    # parallel study processes write the same derived files (the ESConv sample, the prompts): one whole copy wins.
+    # Imported here: reporting.summary brings torch, which the study's own process otherwise never needs
+    from lightning_moe.reporting.summary import write_text_atomic as atomic
+
+    atomic(path, text)
+
+
 SPLIT_SEED = 1234  # the held-out split of counsel-chat: one for all rows and seeds
 
 
@@ -68,7 +76,7 @@ PROMPTS = {
 def write_prompts(path: Path) -> None:
     lines = [json.dumps({"domain": d, "messages": [{"role": "user", "content": p}]})
              for d, prompts in PROMPTS.items() for p in prompts]
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def stratified_sample(source: Path, n: int, out: Path, seed: int = 0) -> list[str]:
@@ -87,7 +95,7 @@ def stratified_sample(source: Path, n: int, out: Path, seed: int = 0) -> list[st
         random.Random(f"{seed}-{domain}").shuffle(items)
         picked += items[:min(len(items), max(10, round(n * len(items) / total)))]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in picked), encoding="utf-8")
+    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in picked))
     return [r["id"] for r in picked]
 
 
@@ -103,7 +111,7 @@ def smoke_subset(source: Path, per_domain: int, out: Path) -> None:
             seen[d] = seen.get(d, 0) + 1
             kept.append(line)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    write_text_atomic(out, "\n".join(kept) + "\n")
 
 
 # ---- running the project's commands -------------------------------------------------------------------------
@@ -153,7 +161,7 @@ class Runner:
                 self.command("evaluate.py", [f"run={run}", f"out={tmp}", *args, *self.eval_args],
                              run.parent / f"{run.name}.eval_{name}.log")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text((tmp / "eval.json").read_text())
+            write_text_atomic(dest, (tmp / "eval.json").read_text())
         return json.loads(dest.read_text())
 
     def generate(self, run: Path, row: Row, seed: int, prompts: Path, max_new_tokens: int) -> None:
@@ -330,7 +338,7 @@ def run_study(o: StudyOptions, repo: Path, log=print) -> dict:
             es = work / f"esconv_sample{o.esconv_sample}.jsonl"
             ids = stratified_sample(Path(o.esconv), o.esconv_sample, es)
             (o.out).mkdir(parents=True, exist_ok=True)
-            (o.out / "esconv_sample_ids.json").write_text(json.dumps(ids) + "\n")
+            write_text_atomic(o.out / "esconv_sample_ids.json", json.dumps(ids) + "\n")
         elif not es.is_file():
             raise ConfigError(f"--esconv {es}: not found; create it with scripts/convert_esconv.py")
         sets["esconv"] = [f"files=[{es}]"]
@@ -361,13 +369,11 @@ def run_study(o: StudyOptions, repo: Path, log=print) -> dict:
             measure(row, seed)
     results = aggregate(o.out / "raw", [r.name for r in study_rows], list(sets))
     what = {"base": "the base model, untrained (scored in the same evaluations)"} | {r.name: r.what for r in study_rows}
-    from lightning_moe.reporting.summary import write_json_atomic
-
-    write_json_atomic(o.out / "results.json", {"seeds": o.seeds, "matched_rank": rank,
+    write_text_atomic(o.out / "results.json", json.dumps({"seeds": o.seeds, "matched_rank": rank,
                                                "trained_params": {n: r.get("trained_params") for n, r in results.items()
                                                                   if n != "base"},
-                                               "sets": list(sets), "rows": what, "results": results})
+                                               "sets": list(sets), "rows": what, "results": results}, indent=2))
     domains = list(PROMPTS)
-    (o.out / "results.md").write_text(markdown(results, list(sets), domains, what))
+    write_text_atomic(o.out / "results.md", markdown(results, list(sets), domains, what))
     log(f"results -> {o.out / 'results.md'}")
     return results

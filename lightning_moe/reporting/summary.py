@@ -89,10 +89,15 @@ def build_summary(trainer: pl.Trainer, module, datamodule, reason: str, started:
 
 def write_json_atomic(path: Path, data: dict) -> Path:
     """Temp + rename, so a reader never sees half a file; a failed write removes its temporary file."""
+    return write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """write_json_atomic for text: processes that write the same file at once leave one whole copy."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2))
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
