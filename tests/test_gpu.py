@@ -4,6 +4,7 @@ Skipped on CPU (CI); run on the GPU machine: `python -m pytest tests/test_gpu.py
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import warnings
 
@@ -18,6 +19,9 @@ from lightning_moe.moe.layer import RoutingContext
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+
+# transformers' Mistral module before any test applied Liger to it (collection imports this file before any test runs)
+_MISTRAL_AS_IMPORTED = dict(vars(importlib.import_module("transformers.models.mistral.modeling_mistral")))
 
 def _loss_and_grads(liger: bool, ids: torch.Tensor, labels: torch.Tensor):
     torch.manual_seed(0)
@@ -150,11 +154,10 @@ def test_compiled_layers_with_liger_and_varlen_match_eager_and_stop_recompiling(
     from transformers.models.mistral import modeling_mistral
 
     kernels = ["model.liger_kernel=true", "model.attn_implementation=varlen", "trainer.accelerator=gpu"]
-    patched = dict(vars(modeling_mistral))
     eager = _module(tokenizer, *kernels).cuda()
-    # Liger also swaps transformers' Mistral classes and RoPE function module-wide: undo it, so the compiled model
-    # is built (and runs) as it would in a process of its own
-    vars(modeling_mistral).update(patched)
+    # Liger swaps transformers' Mistral classes and RoPE function module-wide, here and in every earlier test that
+    # applied it: restore them as imported, so the compiled model is built (and runs) as in a process of its own
+    vars(modeling_mistral).update(_MISTRAL_AS_IMPORTED)
     compiled = _module(tokenizer, *kernels, "model.compile=all").cuda()
     frames = []
     for batch in _batches(tokenizer, [3, 7, 2, 11, 5, 9]):
