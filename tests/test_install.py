@@ -27,7 +27,7 @@ def test_the_lock_pins_every_requirement_and_no_cuda_only_package():
             assert re.sub(r"[-_.]+", "-", name) in lock, f"{name} is not pinned in requirements.lock"
         if extra:  # `transformers[serving]`: the packages the extra adds are pinned too, under their own names
             for dep in set(_extra_requirements(name, extra)) - {"torch"}:
-                assert re.sub(r"[-_.]+", "-", dep) in lock, f"{dep} ({name}[{extra}]) is not pinned in requirements.lock"
+                assert re.sub(r"[-_.]+", "-", dep) in lock, f"{dep} ({name}[{extra}]) is not pinned in the lock"
     for name in [*_requirement_names((REPO / "requirements-gpu.txt").read_text().splitlines()), "triton"]:
         assert name not in lock, f"{name} is CUDA-only but pinned in the CPU lock"
     assert "torch" not in lock
