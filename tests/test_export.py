@@ -7,13 +7,17 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAST, REPO, clean_env, run_guarded, run_train
+from conftest import FAST, REPO, clean_env, free_port, run_guarded, run_train
 
 from lightning_moe.checkpointing.load import load_trained, plan_load
 from lightning_moe.config.schema import ConfigError, LoRAConfig, MoEConfig
@@ -44,6 +48,16 @@ def lora_run(tmp_path_factory):
     return root / "run"
 
 
+@pytest.fixture(scope="module")
+def merged_export(lora_run, tmp_path_factory):
+    """lora_run exported by export.py as format=merged (what the user would load or serve): the folder, and what
+    export.py printed. A space in the path: the printed commands must survive copy and paste."""
+    out_dir = tmp_path_factory.mktemp("my exports") / "merged"
+    out = export(f"run={lora_run}", "format=merged", f"out={out_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return SimpleNamespace(folder=out_dir, printed=out.stdout)
+
+
 def _base(plan):
     """The run's random base, rebuilt from its recorded seed (what a served model would download)."""
     s = plan.sections
@@ -53,26 +67,28 @@ def _base(plan):
 
 
 @pytest.mark.slow
-def test_merged_and_peft_exports_load_with_plain_transformers_and_peft_to_the_same_logits(lora_run, tmp_path):
+@pytest.mark.xdist_group("lora_run")  # one training of lora_run and one merged export for both tests
+def test_merged_and_peft_exports_load_with_plain_transformers_and_peft_to_the_same_logits(lora_run, merged_export,
+                                                                                           tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    for fmt in ("merged", "peft"):
-        out = export(f"run={lora_run}", f"format={fmt}", f"out={tmp_path / fmt}")
-        assert out.returncode == 0, out.stderr[-3000:]
+    out = export(f"run={lora_run}", "format=peft", f"out={tmp_path / 'peft'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    folders = {"merged": merged_export.folder, "peft": tmp_path / "peft"}
     plan = plan_load(lora_run)
     trained = load_trained(plan, "cpu")
     ids = torch.tensor([render_prompt(trained.tokenizer, [{"role": "user", "content": "I feel sad"}], "token",
                                       "mean").ids])
     expected = trained.model(input_ids=ids).logits
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # no trust_remote_code
+    merged = AutoModelForCausalLM.from_pretrained(folders["merged"])  # no trust_remote_code
     torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
-    peft = PeftModel.from_pretrained(_base(plan), tmp_path / "peft").eval()
+    peft = PeftModel.from_pretrained(_base(plan), folders["peft"]).eval()
     torch.testing.assert_close(peft(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
 
     # the folder's own tokenizer, chat template and generation config: greedy generation ends the turn
-    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
-    gen = GenerationConfig.from_pretrained(tmp_path / "merged")
+    tok = AutoTokenizer.from_pretrained(folders["merged"])
+    gen = GenerationConfig.from_pretrained(folders["merged"])
     prompt = tok.apply_chat_template([{"role": "user", "content": "can we talk"}], add_generation_prompt=True,
                                      tokenize=False)
     x = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
@@ -85,15 +101,97 @@ def test_merged_and_peft_exports_load_with_plain_transformers_and_peft_to_the_sa
 
     # issue #26 item 5: the project's generation_config.json survives save_pretrained (it wrote a scalar EOS and
     # _from_model_config), and weight files are readable by a server running as another user, like every other file
-    written = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
-    manifest = json.loads((tmp_path / "merged" / "export.json").read_text())
+    written = json.loads((folders["merged"] / "generation_config.json").read_text())
+    manifest = json.loads((folders["merged"] / "export.json").read_text())
     assert written["eos_token_id"] == manifest["stop_token_ids"] and "_from_model_config" not in written
     assert len(manifest["stop_token_ids"]) >= 1
     umask = os.umask(0)
     os.umask(umask)
-    for fmt in ("merged", "peft"):
-        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / fmt).iterdir()}
+    for folder in folders.values():
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
         assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("lora_run")
+def test_transformers_serve_answers_a_chat_completion_from_the_merged_export_as_greedy_generate_does(merged_export,
+                                                                                                     tmp_path):
+    """Issue #26 item 8: the CPU server export.py prints (`transformers serve`, an existing engine) loads the merged
+    folder as it is and answers one chat completion through the openai client, with the tokens transformers' own
+    greedy `generate` gives for the same chat-templated prompt, stopping at the export's end of turn."""
+    from transformers.utils.import_utils import is_serve_available
+
+    if not is_serve_available():
+        pytest.skip("transformers serve needs its serving extra: pip install 'transformers[serving]' "
+                    "(requirements.txt has it)")
+    from openai import OpenAI
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    printed = {line.split()[0]: shlex.split(line.split("#")[0]) for line in merged_export.printed.splitlines()
+               if line.startswith(("  transformers serve", "  vllm serve"))}
+    assert printed["vllm"] == ["vllm", "serve", str(merged_export.folder)]  # the GPU engine: not run here
+    words = printed["transformers"]
+    assert words[:3] == ["transformers", "serve", str(merged_export.folder)]
+    # the console script of this virtualenv (the user's shell would find it on PATH), on a port of its own
+    words[0] = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([*words, "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path, env=clean_env(),
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_until_ready(server, url, tmp_path / "serve.log")
+        client = OpenAI(base_url=f"{url}/v1", api_key="not checked by a local server", timeout=300, max_retries=0)
+        [served] = [m.id for m in client.models.list().data]  # the name clients use: the folder as printed
+        assert served == str(merged_export.folder)
+        messages = [{"role": "user", "content": "can we talk"}]
+        reply = client.chat.completions.create(model=served, messages=messages, temperature=0, max_tokens=20)
+    finally:
+        _stop(server)
+        log.close()
+
+    # transformers' own greedy generate on the same folder and the same templated prompt (temperature 0 is greedy
+    # in transformers serve: do_sample=False), with the folder's generation config (its stop tokens)
+    tok = AutoTokenizer.from_pretrained(merged_export.folder)
+    model = AutoModelForCausalLM.from_pretrained(merged_export.folder)
+    gen = GenerationConfig.from_pretrained(merged_export.folder)
+    gen.max_new_tokens, gen.do_sample = 20, False
+    x = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    new = model.generate(**x, generation_config=gen)[0, x["input_ids"].shape[1]:].tolist()
+    [choice] = reply.choices
+    assert choice.message.role == "assistant" and choice.finish_reason == "stop", reply
+    assert choice.message.content == tok.decode(new, skip_special_tokens=True) == REPLY
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (x["input_ids"].shape[1], len(new))
+    assert new[-1] in gen.eos_token_id  # the served reply ended where the export's generation config says a turn ends
+
+
+def _wait_until_ready(server: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
+    """Poll the server's /health until it answers (it loads the model first), failing at once with its log if it
+    exits. The timeout is only a guard against a hang: loading takes seconds, more on busy cores."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"transformers serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:  # not listening yet
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"transformers serve did not answer {url}/health in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's own process group (it runs the model in a child process), SIGKILL if it lingers."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 def _choose(expert: int):

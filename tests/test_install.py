@@ -22,12 +22,25 @@ def test_the_lock_pins_every_requirement_and_no_cuda_only_package():
             assert version, f"requirements.lock: {spec!r} is not pinned with =="
             lock[re.sub(r"[-_.]+", "-", name.lower())] = version
     for name in _requirement_names((REPO / "requirements.txt").read_text().splitlines()):
+        name, _, extra = name.rstrip("]").partition("[")
         if name != "torch":  # the Makefile's TORCH picks the build: CPU here, CUDA on a GPU machine
             assert re.sub(r"[-_.]+", "-", name) in lock, f"{name} is not pinned in requirements.lock"
+        if extra:  # `transformers[serving]`: the packages the extra adds are pinned too, under their own names
+            for dep in set(_extra_requirements(name, extra)) - {"torch"}:
+                assert re.sub(r"[-_.]+", "-", dep) in lock, f"{dep} ({name}[{extra}]) is not pinned in the lock"
     for name in [*_requirement_names((REPO / "requirements-gpu.txt").read_text().splitlines()), "triton"]:
         assert name not in lock, f"{name} is CUDA-only but pinned in the CPU lock"
     assert "torch" not in lock
 
+
+def _extra_requirements(dist: str, extra: str) -> list[str]:
+    """The names `dist[extra]` adds, from the installed distribution's metadata (what pip resolved)."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    return [Requirement(r).name.lower() for r in requires(dist) or []
+            if Requirement(r).marker and Requirement(r).marker.evaluate({"extra": extra})]
 
 
 def test_importing_the_stack_prints_no_warning_about_optional_kernels():

@@ -65,7 +65,9 @@ def _requirement_names(lines) -> dict[str, str]:
     for line in lines:
         spec = line.split("#")[0].strip()
         if spec:
-            name = re.split(r"[<>=!~\[ ]", spec, maxsplit=1)[0].lower()
+            # extras stay in the name: `transformers[serving]` (the serve extra) is a requirement of its own beside
+            # `transformers`, not a second spelling of it
+            name = re.split(r"[<>=!~ ]", spec, maxsplit=1)[0].lower()
             out[name] = spec.replace(" ", "")
     return out
 

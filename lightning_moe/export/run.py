@@ -51,6 +51,8 @@ def export(cfg: DictConfig, overrides: list[str]) -> Path:
     print(f"{cfg.format} export of {plan.run_dir} (step {plan.global_step}) -> {out}")
     if cfg.format == "per_domain":
         print(serve_command(out, manifest))
+    elif cfg.format == "merged":
+        print(merged_serve_command(out))
     return out
 
 
@@ -151,6 +153,16 @@ def serve_command(out: Path, manifest: dict) -> str:
               f"  python {q(str(out / 'router' / 'route.py'))} --base {base} --messages M.json    # the adapter "
               "for a conversation"]
     return "\n".join(lines)
+
+
+def merged_serve_command(out: Path) -> str:
+    """A merged folder is a plain transformers model: existing OpenAI-compatible servers load it as it is. Clients
+    name the model by the path as given here (GET /v1/models lists it)."""
+    folder = shlex.quote(str(out))
+    return "\n".join([
+        "serve it as an OpenAI-compatible API (http://localhost:8000/v1):",
+        f"  vllm serve {folder}    # GPU (not run here: no GPU vLLM install)",
+        f"  transformers serve {folder} --device cpu    # CPU: pip install 'transformers[serving]'"])
 
 
 def export_run(cfg: DictConfig, overrides: list[str]) -> Path:
