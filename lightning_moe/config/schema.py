@@ -136,7 +136,7 @@ class MoEShared:
     # step whatever the model's scale (MOE_TRAINING_GUIDE.md section 5). Off for the random-weight tiny models.
     router_input_norm: bool = False
     # experts
-    expert: str = "adapter"  # adapter | lora | upcycled
+    expert: str = "adapter"  # adapter | lora | upcycled (config/registry.py's EXPERTS)
     expert_dim: int = 64  # adapter bottleneck width; an expert has ~3 * hidden * expert_dim parameters
     lora_r: int = 8  # lora experts / upcycled-through-LoRA: rank per expert
     lora_alpha: float = 16.0
@@ -147,7 +147,7 @@ class MoEShared:
     num_shared_experts: int = 0  # always-on experts beside the routed ones
     shared_expert_dim: Optional[int] = None  # null: expert_dim
     shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert
-    dispatch: str = "auto"  # auto (dense for adapter, grouped for upcycled) | dense | grouped | loop
+    dispatch: str = "auto"  # auto (the form's own: dense for adapter, grouped for upcycled) | dense | grouped | loop
     # balancing: every coefficient 0 turns its term off
     aux_loss_coef: float = 0.01  # Switch/Mixtral load balancing over all MoE layers
     z_loss_coef: float = 0.001  # ST-MoE router z-loss
