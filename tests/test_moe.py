@@ -188,7 +188,8 @@ def test_an_expert_form_added_as_contributing_says_is_built_trained_counted_and_
     test_each_expert_form_in_each_family_starts_as_identity_and_trains(TINY_ARCHS[0], "linear_delta")
     block = _inject(tiny_model(TINY_ARCHS[0]), [1], RoutingContext(), expert="linear_delta")[0]
     hidden = block.experts.weight.shape[-1]
-    assert block.base_mlp() is block.mlp and block.flop_params(2) == (0, 2 * hidden * hidden + block.router.weight.numel())
+    assert block.base_mlp() is block.mlp
+    assert block.flop_params(2) == (0, 2 * hidden * hidden + block.router.weight.numel())
     s = validate_config(compose(["+recipe=servable_tiny", "moe.expert=linear_delta"]))
     assert export_formats(s) == []
     with pytest.raises(ConfigError, match=r"moe\.expert=linear_delta \(needs lora\)"):

@@ -252,7 +252,8 @@ COMPILE_CASES = [("topk", "adapter"), ("switch", "adapter"), ("expert_choice", "
 @pytest.mark.parametrize("router_name, form", COMPILE_CASES)
 def test_one_block_captures_as_a_single_graph(router_name, form):
     """fullgraph=True fails on any graph break: .item(), a data-dependent Python branch, a host sync."""
-    kw = {"num_shared_experts": 1, "deepseek": DeepSeekConfig(bias_update_rate=1e-3)} if router_name == "deepseek" else {}
+    deepseek = {"num_shared_experts": 1, "deepseek": DeepSeekConfig(bias_update_rate=1e-3)}
+    kw = deepseek if router_name == "deepseek" else {}
     block, ctx, _ = _block(router_name, form, **kw)
     dtype = torch.bfloat16 if form == "upcycled" else torch.float32  # grouped_mm's compile check wants bf16 on CPU
     block = block.to(dtype)
@@ -318,9 +319,10 @@ def test_moe_config_combinations_are_validated(overrides, key):
 @pytest.mark.slow  # trains and generates: ~25 s on a busy 2-core machine
 def test_a_router_added_as_contributing_says_trains_and_passes_the_router_tests(monkeypatch, tokenizer):
     """CONTRIBUTING.md's "Adding a router", step by step: the class in its own file, written from Router
-    (tests/contributed_router.py); one registry line; no schema knobs (it needs none); then what step 5 promises
-    every registered router: validation accepts it, the model builds and trains with it, losses, metrics and the
-    FLOP count see it, its gates pass the float64 gradcheck and generation with the KV cache equals recompute."""
+    (tests/contributed_router.py); one registry line; no config class (step 3: it has no knobs); then what step 5
+    promises every registered router: validation accepts it, the model builds and trains with it, losses, metrics
+    and the FLOP count see it, its gates pass the float64 gradcheck and generation with the KV cache equals
+    recompute."""
     from conftest import compose
     from contributed_router import SigmoidTop1Router
     from test_generation import assert_cache_equals_recompute
