@@ -39,10 +39,11 @@ def main() -> None:
             block = build_block(mlp, build_router(h, moe), 0, RoutingContext(), moe, h)
         routed = [block.router, block.experts]  # LoRA experts wrap the layer's own (frozen) MLP: not extra
         trainable = sum(p.numel() for m in routed for p in m.parameters() if p.requires_grad) * LAYERS
-        copies = block.experts.parameters() if moe.expert == "upcycled" else []
+        replaces = block.base_mlp() is None  # the experts replaced the MLP by copies of it (upcycled)
+        copies = block.experts.parameters() if replaces else []
         frozen = sum(p.numel() for p in copies if not p.requires_grad) * LAYERS
         frozen_active, trainable_active = block.flop_params(K)
-        replaced = mlp_params if moe.expert == "upcycled" else 0  # upcycling removes the layer's own MLP
+        replaced = mlp_params if replaces else 0  # upcycling removes the layer's own MLP
         extra = (4 * (frozen_active - replaced) + 6 * trainable_active) * LAYERS
         print(f"| {name} | {trainable / 1e6:,.1f}M | {frozen / 1e9:,.2f}B | {extra / 1e9:,.3f} GFLOP | "
               f"{100 * extra / BASE_FLOPS:.2f}% |")

@@ -122,6 +122,18 @@ def read_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
+# Fixtures that train with train.py (or convert the real model): a test that needs one is a full run, whatever its
+# own body does, so it is marked slow here rather than by hand (on a loaded 2-core machine the trained_run fixture
+# alone took 50-120 s, and the refusal tests that read it 10-25 s each: make test-fast was 7.5 minutes with them)
+TRAINING_FIXTURES = {"trained_run", "finished_run", "lora_run", "uninterrupted", "smollm2", "smollm2_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, worker_id) -> Path:
     """`python train.py` (the embedded default) once per test session, shared by every test that only reads a

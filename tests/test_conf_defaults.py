@@ -4,7 +4,7 @@ does is said once, next to its schema field."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, asdict, fields, is_dataclass
 
 import pytest
 import yaml
@@ -19,7 +19,27 @@ def _defaults(schema) -> dict:
         if f.default is not MISSING:
             out[f.name] = f.default
         elif f.default_factory is not MISSING:
-            out[f.name] = f.default_factory()
+            value = f.default_factory()
+            out[f.name] = asdict(value) if is_dataclass(value) else value  # a router's section: moe.deepseek.*
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over` on `base`, sections merged key by key (as Hydra merges a group option onto the schema)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _restated(own: dict, inherited: dict, prefix: str = "") -> dict:
+    """The keys of `own` (inside sections too) whose value equals what they inherit."""
+    out = {}
+    for k, v in own.items():
+        if isinstance(v, dict) and isinstance(inherited.get(k), dict):
+            out |= _restated(v, inherited[k], f"{prefix}{k}.")
+        elif k in inherited and inherited[k] == v:
+            out[prefix + k] = v
     return out
 
 
@@ -34,8 +54,8 @@ def _effective(group: str, name: str) -> dict:
     own, parents = _own(group, name)
     values = _defaults(SCHEMAS[group])
     for parent in parents:
-        values |= _effective(group, parent)
-    return values | own
+        values = _merge(values, _effective(group, parent))
+    return _merge(values, own)
 
 
 CASES = [(g, p.stem) for g in SCHEMAS for p in sorted((REPO / "conf" / g).glob("*.yaml"))]
@@ -46,7 +66,13 @@ def test_a_config_group_states_only_what_differs_from_what_it_builds_on(group, n
     own, parents = _own(group, name)
     inherited = _defaults(SCHEMAS[group])
     for parent in parents:
-        inherited |= _effective(group, parent)
-    restated = {k: v for k, v in own.items() if k in inherited and inherited[k] == v}
+        inherited = _merge(inherited, _effective(group, parent))
+    restated = _restated(own, inherited)
     assert not restated, (f"conf/{group}/{name}.yaml restates {restated}: equal to "
                           f"{'its parent' if parents else 'the schema default'}; leave them out")
+
+
+def test_a_restated_default_inside_a_router_section_is_found():
+    inherited = _defaults(SCHEMAS["moe"])
+    assert _restated({"router": "deepseek", "deepseek": {"n_group": 1, "bias_update_rate": 0.001}}, inherited) == \
+        {"deepseek.n_group": 1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -14,6 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_moe.config import ConfigError, validate_config
+from lightning_moe.config.registry import ROUTER_CONFIGS
+from lightning_moe.config.routers import MOVED, migrate_saved
 from lightning_moe.models.layout import resolve_moe_layers
 
 RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml"))
@@ -110,6 +113,33 @@ def test_bad_values_are_named(override, key):
         validate_config(compose([override]))
     text = str(err.value) + str(err.value.__cause__ or "")
     assert key in text, text
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_a_flat_router_key_of_an_old_command_line_is_refused_naming_its_new_key(old):
+    with pytest.raises(ConfigError, match=re.escape(f"moe.{old} moved to moe.{MOVED[old][0]}")):
+        validate_config(compose([f"moe.{old}=2"]))
+
+
+@pytest.mark.parametrize("moe", ["deepseek", "dynamic_threshold", "expert_choice", "switch", "domain_topk"])
+def test_a_run_saved_before_the_router_sections_loads_with_the_same_settings(moe):
+    """A run's config.yaml from before the move has every router's knobs flat in `moe`; migrate_saved (what loading a
+    run applies) gives the same sections the conf group composes to now."""
+    from dataclasses import asdict
+
+    now = validate_config(compose([f"moe={moe}"]))
+    saved = OmegaConf.create(OmegaConf.to_container(compose([f"moe={moe}"])))
+    flat = {"capacity_factor": 1.25, "dynamic_mode": "top_p", "dynamic_p": 0.5, "dynamic_threshold": 0.25,
+            "min_experts": 1, "max_experts": None, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+            "routed_scaling_factor": 1.0, "bias_update_rate": 0.0, "bias_update_center": True}  # the old defaults
+    own = asdict(getattr(now.moe, now.moe.router)) if hasattr(now.moe, now.moe.router) else {}
+    for old, new in MOVED.items():
+        section, key = new[0].split(".")
+        saved.moe[old] = own.get(key, flat[old]) if section == now.moe.router or old == "capacity_factor" else flat[old]
+    for name in ROUTER_CONFIGS:
+        saved.moe.pop(name, None)
+    migrate_saved(saved)
+    assert validate_config(saved).moe == now.moe
 
 
 def test_domain_check_is_off_when_domain_supervision_is():

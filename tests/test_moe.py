@@ -8,6 +8,7 @@ from conftest import TINY_ARCHS, tiny_hf_config, tiny_model
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter, load_balancing_loss_func
 from transformers.models.switch_transformers.modeling_switch_transformers import router_z_loss_func
 
+from lightning_moe.config import registry
 from lightning_moe.config.schema import MoEConfig
 from lightning_moe.models.inject import inject_moe
 from lightning_moe.models.layout import decoder_layers, spread_layers
@@ -149,7 +150,7 @@ def _inject(model, layers, ctx, **moe):
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-@pytest.mark.parametrize("form", ["adapter", "lora", "upcycled"])
+@pytest.mark.parametrize("form", sorted(registry.EXPERTS))
 def test_each_expert_form_in_each_family_starts_as_identity_and_trains(arch, form):
     model = tiny_model(arch)
     ids = torch.randint(0, 1000, (2, 12))
@@ -171,6 +172,28 @@ def test_each_expert_form_in_each_family_starts_as_identity_and_trains(arch, for
     for b in blocks:
         assert b.router.weight.grad is not None and b.router.weight.grad.abs().sum() > 0
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in b.experts.parameters() if p.requires_grad)
+
+
+def test_an_expert_form_added_as_contributing_says_is_built_trained_counted_and_refused_export(monkeypatch):
+    """CONTRIBUTING.md's "Adding an expert form": the module and builder in their own file
+    (tests/contributed_expert_form.py), one ExpertForm in the registry; MoEBlock builds and calls it, the FLOP count
+    sees it, and the export check refuses it every standard format, naming it (it declares none)."""
+    from conftest import compose
+
+    from lightning_moe.config import ConfigError, validate_config
+    from lightning_moe.config.export_forms import check_format, export_formats
+
+    monkeypatch.setitem(registry.EXPERTS, "linear_delta",
+                        registry.ExpertForm("contributed_expert_form:linear_delta_experts", replaces_mlp=False))
+    test_each_expert_form_in_each_family_starts_as_identity_and_trains(TINY_ARCHS[0], "linear_delta")
+    block = _inject(tiny_model(TINY_ARCHS[0]), [1], RoutingContext(), expert="linear_delta")[0]
+    hidden = block.experts.weight.shape[-1]
+    assert block.base_mlp() is block.mlp
+    assert block.flop_params(2) == (0, 2 * hidden * hidden + block.router.weight.numel())
+    s = validate_config(compose(["+recipe=servable_tiny", "moe.expert=linear_delta"]))
+    assert export_formats(s) == []
+    with pytest.raises(ConfigError, match=r"moe\.expert=linear_delta \(needs lora\)"):
+        check_format("per_domain", s)
 
 
 def test_recompute_under_checkpointing_does_not_duplicate_records_and_grads_match():

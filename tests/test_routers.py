@@ -9,6 +9,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from lightning_moe.config import ConfigError, registry, validate_config
+from lightning_moe.config.routers import DeepSeekConfig, SwitchConfig
 from lightning_moe.config.schema import MoEConfig
 from lightning_moe.moe.experts import LoRAExpertMLP, SharedExpert, SwiGLUExperts
 from lightning_moe.moe.layer import RoutingContext, build_block, span_mean
@@ -52,10 +53,10 @@ def test_deepseek_router_equals_transformers_with_bias_and_grouped_selection():
 # Every registered router gets the gradient check, built from the config as training builds it; these settings only
 # add variants (or keep a capacity from dropping most of 8 tokens). A router registered without any is checked with
 # MoEConfig's defaults: nothing here needs editing for it.
-ROUTER_SETTINGS = {
+ROUTER_SETTINGS = {  # router -> variants of its own section (moe.<router>.*, config/routers.py)
     "switch": [{"capacity_factor": 4.0}],
     "expert_choice": [{"capacity_factor": 2.0}],
-    "dynamic": [{"dynamic_mode": "top_p", "dynamic_p": 0.6}, {"dynamic_mode": "threshold", "dynamic_threshold": 0.2}],
+    "dynamic": [{"mode": "top_p", "p": 0.6}, {"mode": "threshold", "threshold": 0.2}],
     "deepseek": [{"n_group": 2, "topk_group": 1}],
 }
 ROUTER_CASES = [(name, extra) for name in registry.ROUTERS for extra in ROUTER_SETTINGS.get(name, [{}])]
@@ -63,7 +64,8 @@ ROUTER_CASES = [(name, extra) for name in registry.ROUTERS for extra in ROUTER_S
 
 def _router(name: str, **extra):
     torch.manual_seed(0)
-    return build_router(H, MoEConfig(router=name, num_experts=E, top_k=2, router_init_std=1.0, **extra))
+    own = {name: registry.ROUTER_CONFIGS[name](**extra)} if extra else {}
+    return build_router(H, MoEConfig(router=name, num_experts=E, top_k=2, router_init_std=1.0, **own))
 
 
 @pytest.mark.parametrize("name, extra", ROUTER_CASES,
@@ -116,7 +118,7 @@ def test_switch_capacity_drops_overflow_tokens_which_keep_only_the_mlp():
     assert out.dropped.sum() == 12 - capacity and not out.dropped[12:].any()
     assert out.selected[:, 0].all()  # the choice before capacity: what the balancing loss sees
 
-    moe = MoEConfig(router="switch", capacity_factor=1.0, expert_dim=4)
+    moe = MoEConfig(router="switch", switch=SwitchConfig(capacity_factor=1.0), expert_dim=4)
     ctx = RoutingContext()
     mlp = _mlp()
     block = build_block(mlp, router, 0, ctx, moe, H)
@@ -250,7 +252,8 @@ COMPILE_CASES = [("topk", "adapter"), ("switch", "adapter"), ("expert_choice", "
 @pytest.mark.parametrize("router_name, form", COMPILE_CASES)
 def test_one_block_captures_as_a_single_graph(router_name, form):
     """fullgraph=True fails on any graph break: .item(), a data-dependent Python branch, a host sync."""
-    kw = {"num_shared_experts": 1, "bias_update_rate": 1e-3} if router_name == "deepseek" else {}
+    deepseek = {"num_shared_experts": 1, "deepseek": DeepSeekConfig(bias_update_rate=1e-3)}
+    kw = deepseek if router_name == "deepseek" else {}
     block, ctx, _ = _block(router_name, form, **kw)
     dtype = torch.bfloat16 if form == "upcycled" else torch.float32  # grouped_mm's compile check wants bf16 on CPU
     block = block.to(dtype)
@@ -297,10 +300,11 @@ def test_bias_updates_move_a_skewed_stream_toward_balance():
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        (["moe.router=deepseek", "moe.n_group=3"], "moe.n_group"),
+        (["moe.router=deepseek", "moe.deepseek.n_group=3"], "moe.deepseek.n_group"),
         (["moe.router=expert_choice", "data.packing=true"], "data.packing"),
-        (["moe.bias_update_rate=0.001"], "moe.bias_update_rate"),
-        (["moe.router=dynamic", "moe.min_experts=3", "moe.max_experts=2"], "moe.min_experts"),
+        (["moe.deepseek.bias_update_rate=0.001"], "moe.deepseek.bias_update_rate"),  # a knob of a router not chosen
+        (["moe.router=dynamic", "moe.dynamic.min_experts=3", "moe.dynamic.max_experts=2"], "moe.dynamic.min_experts"),
+        (["moe.router=switch", "moe.switch.capacity_factor=0"], "moe.switch.capacity_factor"),
         (["moe.expert=mixlora"], "moe.expert"),
         (["moe.routing_level=document"], "moe.routing_level"),
     ],
@@ -315,9 +319,10 @@ def test_moe_config_combinations_are_validated(overrides, key):
 @pytest.mark.slow  # trains and generates: ~25 s on a busy 2-core machine
 def test_a_router_added_as_contributing_says_trains_and_passes_the_router_tests(monkeypatch, tokenizer):
     """CONTRIBUTING.md's "Adding a router", step by step: the class in its own file, written from Router
-    (tests/contributed_router.py); one registry line; no schema knobs (it needs none); then what step 5 promises
-    every registered router: validation accepts it, the model builds and trains with it, losses, metrics and the
-    FLOP count see it, its gates pass the float64 gradcheck and generation with the KV cache equals recompute."""
+    (tests/contributed_router.py); one registry line; no config class (step 3: it has no knobs); then what step 5
+    promises every registered router: validation accepts it, the model builds and trains with it, losses, metrics
+    and the FLOP count see it, its gates pass the float64 gradcheck and generation with the KV cache equals
+    recompute."""
     from conftest import compose
     from contributed_router import SigmoidTop1Router
     from test_generation import assert_cache_equals_recompute

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_moe.checkpointing.fingerprint import check_resumable
 from lightning_moe.checkpointing.io import load_checkpoint_file
 from lightning_moe.config import validate_config
+from lightning_moe.config.routers import migrate_saved
 from lightning_moe.config.schema import ConfigError, Sections
 from lightning_moe.models.build import build_model
 from lightning_moe.models.prechecks import check_before_weights
@@ -122,7 +123,9 @@ def plan_load(source: str | Path, checkpoint="last", overrides: list[str] = (), 
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"run: {source} is not a training run (no config.yaml in {run_dir}); give the run "
                           "directory that train.py wrote (hydra.run.dir), its export/ folder or a .ckpt in it")
-    cfg = apply_overrides(OmegaConf.load(run_dir / "config.yaml"), list(overrides))
+    saved_cfg = OmegaConf.load(run_dir / "config.yaml")
+    migrate_saved(saved_cfg)  # a run trained before the per-router sections (moe.deepseek.*, ...) loads as it was
+    cfg = apply_overrides(saved_cfg, list(overrides))
     sections = validate_config(cfg)
     hf_config = check_before_weights(cfg, sections, training=False)
     if use_export:

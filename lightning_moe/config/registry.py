@@ -1,12 +1,24 @@
-"""The routers and expert forms by name: what `moe.router` and `moe.expert` accept, and the class each builds.
+"""The routers and expert forms by name: what `moe.router` and `moe.expert` accept, and what each builds.
 
-Strings, not classes, so that validating a config imports no torch. Adding a router is a file in
-lightning_moe/moe/routers/, one line here, and its knobs in config/schema.py (CONTRIBUTING.md walks through it).
+Strings, not classes, for everything that imports torch, so that validating a config imports none. Adding a router is
+a file in lightning_moe/moe/routers/, one line in ROUTERS and, if it has knobs, its torch-free config class in
+ROUTER_CONFIGS (config/routers.py); adding an expert form is its own file and one ExpertForm in EXPERTS.
+CONTRIBUTING.md walks through both.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+
+from lightning_moe.config.routers import (
+    DeepSeekConfig,
+    DynamicConfig,
+    ExpertChoiceConfig,
+    RouterConfig,
+    SwitchConfig,
+    TopKConfig,
+)
 
 ROUTERS = {
     "topk": "lightning_moe.moe.routers.topk:TopKRouter",
@@ -15,11 +27,38 @@ ROUTERS = {
     "dynamic": "lightning_moe.moe.routers.dynamic:DynamicRouter",
     "deepseek": "lightning_moe.moe.routers.deepseek:DeepSeekRouter",
 }
-EXPERTS = {  # builders: (the layer's MLP, hidden size, the moe section) -> the experts module
-    "adapter": "lightning_moe.moe.experts:adapter_experts",
-    "lora": "lightning_moe.moe.experts:lora_experts",
-    "upcycled": "lightning_moe.moe.experts:upcycled_experts",
+# a router's own knobs and checks (moe.<name>.<knob>); a router not here has none (RouterConfig)
+ROUTER_CONFIGS: dict[str, type[RouterConfig]] = {
+    "topk": TopKConfig,
+    "switch": SwitchConfig,
+    "expert_choice": ExpertChoiceConfig,
+    "dynamic": DynamicConfig,
+    "deepseek": DeepSeekConfig,
 }
+
+
+@dataclass(frozen=True)
+class ExpertForm:
+    """What the rest of the code knows of an expert form, without torch. The module its builder makes implements
+    lightning_moe/moe/experts.py's `Experts` (the call signature, the FLOP count, the MLP it wraps, if any)."""
+
+    builder: str  # "module:function": (the layer's MLP, hidden size, the moe section) -> an Experts module
+    replaces_mlp: bool  # the block does not call the layer's MLP beside the experts (they wrap it or copy it)
+    dispatch: str = "dense"  # what moe.dispatch=auto means for it
+    exports: tuple[str, ...] = ()  # export formats a run of it can produce (rules of each: config/export_forms.py)
+
+
+EXPERTS = {
+    "adapter": ExpertForm("lightning_moe.moe.experts:adapter_experts", replaces_mlp=False),
+    # a per_domain export turns expert e's LoRA into a standard adapter (Experts.expert_adapter)
+    "lora": ExpertForm("lightning_moe.moe.experts:lora_experts", replaces_mlp=True, exports=("per_domain",)),
+    "upcycled": ExpertForm("lightning_moe.moe.experts:upcycled_experts", replaces_mlp=True, dispatch="grouped"),
+}
+
+
+def router_config(moe) -> RouterConfig:
+    """The chosen router's own config: its section of `moe`, or its class's defaults where it has no knobs."""
+    return getattr(moe, moe.router, None) or ROUTER_CONFIGS.get(moe.router, RouterConfig)()
 
 
 def resolve(spec: str):

@@ -7,11 +7,15 @@ loggers are Lightning objects built with `hydra.utils.instantiate`. No torch her
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+
+from lightning_moe.config.errors import ConfigError, RunFailure  # noqa: F401  (raised everywhere as schema's)
+from lightning_moe.config.registry import ROUTER_CONFIGS
+from lightning_moe.config.routers import MOVED
 
 
 DISPATCH = ("auto", "dense", "grouped", "loop")
@@ -19,14 +23,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and what is allowed."""
-
-
-class RunFailure(Exception):
-    """A run that failed for a reason its message names (e.g. a full disk): reported in one line, exit code 1."""
 
 
 @dataclass
@@ -113,14 +109,18 @@ class LoRAConfig:
 
 
 @dataclass
-class MoEConfig:
+class MoEShared:
+    """What every router and expert form shares; MoEConfig (below) adds each router's own section."""
+
     enabled: bool = True
     num_experts: int = 4  # one per entry of `domains` when domain_loss_coef > 0 (domain i is expert i)
-    top_k: int = 2  # experts per token (topk, deepseek); the static reference for dynamic routing
+    top_k: int = 2  # experts per token (topk, deepseek; expert choice when generating); the reference for dynamic
     layers: Optional[List[int]] = None  # decoder-layer indices (negative counts from the end); null: spread
     num_layers: int = 4  # with layers=null: this many layers evenly spread over the depth
     # routing
-    router: str = "topk"  # topk | switch | expert_choice | dynamic | deepseek
+    # topk | switch | expert_choice | dynamic | deepseek (config/registry.py); a router's own knobs are in its
+    # section, moe.<router>.<knob> (config/routers.py)
+    router: str = "topk"
     # token | sequence (one decision per conversation, from its opening prompt) | turn (one decision before each
     # assistant turn, from the conversation so far; it routes that turn): lightning_moe.data.collate.routing_units
     routing_level: str = "token"
@@ -135,18 +135,8 @@ class MoEConfig:
     # them slowly: the first expert to pull ahead takes every token. At unit RMS the logits move by the same amount a
     # step whatever the model's scale (MOE_TRAINING_GUIDE.md section 5). Off for the random-weight tiny models.
     router_input_norm: bool = False
-    capacity_factor: float = 1.25  # switch: tokens per expert = factor * tokens / E; expert_choice: experts per token
-    dynamic_mode: str = "top_p"  # top_p | threshold
-    dynamic_p: float = 0.5  # top_p: keep experts until their probability mass reaches p
-    dynamic_threshold: float = 0.25  # threshold: keep experts with probability >= threshold
-    min_experts: int = 1
-    max_experts: Optional[int] = None  # null: num_experts
-    n_group: int = 1  # deepseek grouped selection: experts in n_group groups...
-    topk_group: int = 1  # ...of which the best topk_group are eligible
-    norm_topk_prob: bool = True  # deepseek: renormalise the chosen weights
-    routed_scaling_factor: float = 1.0  # deepseek: scale of the routed output
     # experts
-    expert: str = "adapter"  # adapter | lora | upcycled
+    expert: str = "adapter"  # adapter | lora | upcycled (config/registry.py's EXPERTS)
     expert_dim: int = 64  # adapter bottleneck width; an expert has ~3 * hidden * expert_dim parameters
     lora_r: int = 8  # lora experts / upcycled-through-LoRA: rank per expert
     lora_alpha: float = 16.0
@@ -157,7 +147,7 @@ class MoEConfig:
     num_shared_experts: int = 0  # always-on experts beside the routed ones
     shared_expert_dim: Optional[int] = None  # null: expert_dim
     shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert
-    dispatch: str = "auto"  # auto (dense for adapter, grouped for upcycled) | dense | grouped | loop
+    dispatch: str = "auto"  # auto (the form's own: dense for adapter, grouped for upcycled) | dense | grouped | loop
     # balancing: every coefficient 0 turns its term off
     aux_loss_coef: float = 0.01  # Switch/Mixtral load balancing over all MoE layers
     z_loss_coef: float = 0.001  # ST-MoE router z-loss
@@ -166,8 +156,16 @@ class MoEConfig:
     loramoe_coef: float = 0.0  # LoRAMoE localized balancing...
     loramoe_delta: float = 0.1  # ...with importance 1 +/- delta
     entropy_coef: float = 0.0  # routing-entropy penalty (dynamic routing)
-    bias_update_rate: float = 0.0  # deepseek aux-loss-free balancing: bias step per optimizer step
-    bias_update_center: bool = True  # subtract the mean of each bias update (torchtitan)
+
+
+# MoEShared plus moe.<router> for every router registered with a config class that has knobs (config/registry.py's
+# ROUTER_CONFIGS): a plug-in router's section appears without an edit here
+MoEConfig = make_dataclass("MoEConfig", [(name, cls, field(default_factory=cls)) for name, cls in ROUTER_CONFIGS.items()
+                                         if fields(cls)], bases=(MoEShared,))
+# Hydra's schema of `moe`: MoEConfig plus the flat keys that moved into a router's section, null unless set, so an
+# old command line composes and validation names the new key (config/routers.py) instead of "not in struct"
+MoESchema = make_dataclass("MoESchema", [(old, Any, None) for old in MOVED], bases=(MoEConfig,))
+MoEConfig.__module__ = MoESchema.__module__ = __name__
 
 
 @dataclass
@@ -196,7 +194,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
+    moe: MoESchema = field(default_factory=MoESchema)
     optim: OptimConfig = field(default_factory=OptimConfig)
     domains: List[str] = field(default_factory=list)
     seed: int = 42

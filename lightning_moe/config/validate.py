@@ -9,12 +9,13 @@ model's architecture or the device are in models/prechecks.py; entry points call
 from __future__ import annotations
 
 import re
-from typing import Callable
+from dataclasses import fields
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_moe.config.registry import EXPERTS, ROUTERS
+from lightning_moe.config.registry import EXPERTS, ROUTER_CONFIGS, ROUTERS, router_config
+from lightning_moe.config.routers import MOVED, refuse_moved
 from lightning_moe.config.schema import (
     DISPATCH,
     DTYPES,
@@ -34,6 +35,9 @@ def _typed(name: str, node) -> object:
     try:
         # resolve against the whole config first: sections interpolate top-level keys such as ${seed}
         plain = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+        if name == "moe":  # Hydra's schema keeps the keys that moved into a router's section, to name their new place
+            refuse_moved(plain)
+            plain = {k: v for k, v in plain.items() if k not in MOVED}
         merged = OmegaConf.merge(OmegaConf.structured(SCHEMAS[name]), plain)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:  # name the full key, e.g. "moe.top_k", not just "top_k"
@@ -55,37 +59,17 @@ def one_of(value, allowed, key: str) -> None:
     check(value in allowed, key, f"'{value}' is not one of {', '.join(allowed)}")
 
 
-# ---- per-router rules: a router with constraints of its own adds a function here --------------------------
-def _dynamic_rules(moe: MoEConfig, sec: Sections) -> None:
-    one_of(moe.dynamic_mode, ("top_p", "threshold"), "moe.dynamic_mode")
-    check(0 < moe.dynamic_p <= 1, "moe.dynamic_p", "must be in (0, 1]")
-    check(0 < moe.dynamic_threshold <= 1, "moe.dynamic_threshold", "must be in (0, 1]")
-    top = moe.max_experts or moe.num_experts
-    check(1 <= moe.min_experts <= top <= moe.num_experts, "moe.min_experts",
-          f"need 1 <= min_experts ({moe.min_experts}) <= max_experts ({top}) <= num_experts")
-
-
-def _deepseek_rules(moe: MoEConfig, sec: Sections) -> None:
-    check(moe.num_experts % moe.n_group == 0, "moe.n_group",
-          f"{moe.n_group} groups must divide moe.num_experts={moe.num_experts}")
-    check(1 <= moe.topk_group <= moe.n_group, "moe.topk_group", f"must be in 1..moe.n_group={moe.n_group}")
-    per_group = moe.num_experts // moe.n_group
-    check(moe.n_group == 1 or per_group >= 2, "moe.n_group", "grouped selection needs >= 2 experts per group")
-    check(moe.top_k <= moe.topk_group * per_group, "moe.top_k",
-          f"{moe.top_k} > experts in the {moe.topk_group} eligible groups ({moe.topk_group * per_group})")
-
-
-def _expert_choice_rules(moe: MoEConfig, sec: Sections) -> None:
-    check(moe.routing_level == "token", "moe.routing_level", "expert choice routes tokens within a sequence")
-    check(not sec.data.packing, "data.packing",
-          "expert choice routes within a sequence: it needs padded batches (data.packing=false)")
-
-
-ROUTER_RULES: dict[str, Callable[[MoEConfig, Sections], None]] = {
-    "dynamic": _dynamic_rules,
-    "deepseek": _deepseek_rules,
-    "expert_choice": _expert_choice_rules,
-}
+# ---- routers: each checks its own section (config/routers.py); what is left is the rule for the others ------------
+def _routers(moe: MoEConfig, sec: Sections) -> None:
+    router_config(moe).check(moe, sec)
+    for name, cls in ROUTER_CONFIGS.items():
+        section = getattr(moe, name, None)
+        if name == moe.router or section is None:
+            continue
+        for f in fields(section):  # a knob of a router not chosen does nothing: say so instead of ignoring it
+            if getattr(section, f.name) != getattr(cls(), f.name):
+                raise ConfigError(f"moe.{name}.{f.name}: set to {getattr(section, f.name)}, but moe.router="
+                                  f"{moe.router}; moe.{name}.* configure the {name} router only (moe.router={name})")
 
 
 # ---- sections ----------------------------------------------------------------------------------------------
@@ -155,7 +139,7 @@ def _moe(sec: Sections) -> None:
         check(moe.layers is None or len(moe.layers) > 0, "moe.layers", "empty list: give indices or null")
         check(moe.layers is not None or moe.num_layers >= 1, "moe.num_layers", "must be >= 1")
         for key in ("aux_loss_coef", "z_loss_coef", "domain_loss_coef", "loramoe_coef", "entropy_coef",
-                    "bias_update_rate", "upcycle_noise"):
+                    "upcycle_noise"):
             check(getattr(moe, key) >= 0, f"moe.{key}", "must be >= 0 (0 turns the term off)")
         one_of(moe.routing_level, ("token", "sequence", "turn"), "moe.routing_level")
         one_of(moe.pooling, ("mean", "last_turn"), "moe.pooling")
@@ -163,13 +147,9 @@ def _moe(sec: Sections) -> None:
               "a tied decision is one per conversation or turn: needs moe.routing_level=sequence or turn")
         one_of(moe.dispatch, DISPATCH, "moe.dispatch")
         one_of(moe.upcycle_train, ("lora", "full"), "moe.upcycle_train")
-        check(moe.capacity_factor > 0, "moe.capacity_factor", "must be > 0")
         check(moe.lora_r >= 1, "moe.lora_r", "must be >= 1")
         check(bool(moe.lora_targets) or moe.expert != "lora", "moe.lora_targets", "empty: name MLP projections")
-        if moe.router in ROUTER_RULES:
-            ROUTER_RULES[moe.router](moe, sec)
-        if moe.bias_update_rate > 0:
-            check(moe.router == "deepseek", "moe.bias_update_rate", "aux-loss-free bias updates need moe.router=deepseek")
+        _routers(moe, sec)
         if moe.domain_loss_coef > 0:
             check(
                 len(sec.domains) == moe.num_experts,

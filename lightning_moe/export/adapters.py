@@ -39,15 +39,12 @@ def global_lora(model: torch.nn.Module) -> Pieces:
 
 
 def expert_lora(model: torch.nn.Module, blocks: list[MoEBlock], expert: int) -> Pieces:
-    """Expert `expert`'s LoRA on each MoE layer's MLP projections (moe.expert=lora), its scale folded into B."""
+    """Expert `expert`'s LoRA on each MoE layer's MLP projections, its scale folded into B, as its form gives it
+    (Experts.expert_adapter: the forms that declare the per_domain export)."""
     paths = {id(m): n for n, m in model.named_modules()}
     pieces: Pieces = {}
     for block in blocks:
-        lora = block.experts
-        r = lora.r
-        for proj in lora.A:
-            a = lora.A[proj].detach().float().cpu()[expert * r:(expert + 1) * r]  # (r, in)
-            b = lora.B[proj].detach().float().cpu()[expert * r:(expert + 1) * r].t() * lora.scale  # (out, r)
+        for proj, (a, b) in block.experts.expert_adapter(expert).items():
             pieces[_base_path(f"{paths[id(block)]}.{proj}")] = [(a, b)]
     return pieces
 

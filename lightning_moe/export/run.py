@@ -95,9 +95,9 @@ def _per_domain(run, plan: LoadPlan, folder: Path, cfg: DictConfig) -> dict:
     s = plan.sections
     names = list(s.domains) if len(s.domains) == s.moe.num_experts else [f"expert{e}" for e in range(s.moe.num_experts)]
     global_pieces = adapters.global_lora(run.model)
-    targets = {p.rsplit(".", 1)[-1] for p in global_pieces} | set(s.moe.lora_targets)
-    shapes = adapters.module_shapes(run.model, targets)
     experts = [adapters.expert_lora(run.model, run.blocks, e) for e in range(s.moe.num_experts)]
+    targets = {p.rsplit(".", 1)[-1] for p in (*global_pieces, *experts[0])}  # the projections either adapts
+    shapes = adapters.module_shapes(run.model, targets)
     needed = max(sum(a.shape[0] for a, _ in pairs) for e in range(s.moe.num_experts)
                  for pairs in adapters.combine(global_pieces, experts[e]).values())
     rank = next(r for r in SERVER_RANKS if r >= needed)  # one rank for every adapter, one a server accepts

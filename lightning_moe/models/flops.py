@@ -45,7 +45,7 @@ def _linear_weight_numel(module: nn.Module) -> int | None:
 
 def nominal_active_experts(moe) -> float:
     """Experts a token uses by design, as its router declares: top_k (topk, deepseek and, as its static reference,
-    dynamic), 1 for Switch, capacity_factor for expert choice. Measured counts are in the routing metrics."""
+    dynamic), 1 for Switch, moe.expert_choice.capacity_factor for expert choice. Measured counts are in the routing metrics."""
     from lightning_moe.moe.routers import router_class
 
     return router_class(moe.router).nominal_active_experts(moe)

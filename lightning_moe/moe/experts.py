@@ -18,12 +18,34 @@ from torch import nn
 from lightning_moe.moe.dispatch import HAS_GROUPED_MM, grouped_linear, sort_slots, swiglu_slots
 
 
+class Experts(nn.Module):
+    """The interface of an expert form, what MoEBlock (moe/layer.py), the FLOP count and export/ call; the form's
+    torch-free declaration (replaces the MLP or adds to it, auto dispatch, export formats) is its ExpertForm in
+    lightning_moe/config/registry.py.
+
+    forward(x (T, H), gates (T, E), max_active, dispatch) -> (T, H): the experts' output for the block's tokens,
+        gates zero for the experts a token does not use; max_active (the router's most experts a row) and dispatch
+        (dense | grouped | loop, moe.dispatch) are hints a form may ignore. A form that adds to the MLP returns what
+        the block adds to the MLP's output; one that replaces it returns the layer's output.
+    flop_params(active) -> (frozen, trainable): the parameters one token multiplies through with `active` experts.
+    wrapped_mlp: the layer's MLP where the experts call it themselves (LoRA experts), else None: what the block runs
+        with experts switched off (evaluation's base model).
+    expert_adapter(e) -> {projection: (A (r, in), B (out, r))}: expert e as a LoRA on the MLP's projections, scale
+        folded into B; only forms that declare the per_domain export have it.
+    """
+
+    wrapped_mlp: nn.Module | None = None
+
+    def flop_params(self, active: float) -> tuple[int, int]:
+        raise NotImplementedError
+
+
 def _uniform_fan_in(t: torch.Tensor, fan_in: int) -> torch.Tensor:
     bound = 1.0 / math.sqrt(fan_in)  # the bound nn.Linear and LoRA's A use
     return nn.init.uniform_(t, -bound, bound)
 
 
-class SwiGLUExperts(nn.Module):
+class SwiGLUExperts(Experts):
     """E SwiGLU experts stacked as (E, H, D) / (E, D, H) tensors.
 
     dispatch="dense": every expert on every token, weighted by its gate (zero if unselected): right for a
@@ -129,7 +151,7 @@ def mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return gate, up, _weight(mlp.down_proj)
 
 
-class LoRAExpertMLP(nn.Module):
+class LoRAExpertMLP(Experts):
     """The frozen MLP with per-expert LoRA deltas on its projections.
 
     Each delta is linear, so sum_e g_e B_e A_e x = B_stack ((g kron 1_r) * A_stack x): one rank-E*r product
@@ -159,7 +181,13 @@ class LoRAExpertMLP(nn.Module):
         a = F.linear(x, self.A[name].to(x.dtype)) * gates.to(x.dtype).repeat_interleave(self.r, dim=-1)
         return (a @ self.B[name].to(x.dtype)) * self.scale
 
-    def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    @property
+    def wrapped_mlp(self) -> nn.Module:
+        return self.mlp
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor, max_active: int | None = None,
+                dispatch: str = "dense") -> torch.Tensor:
+        """One masked low-rank product per projection whatever the dispatch (see the class docstring)."""
         m = self.mlp
         if self.fused:
             g, u = (m.gate_up_proj(x) + self._delta("gate_up_proj", x, gates)).chunk(2, dim=-1)
@@ -172,6 +200,13 @@ class LoRAExpertMLP(nn.Module):
     def flop_params(self, active: float) -> tuple[int, int]:
         per_expert = sum(p.numel() for p in (*self.A.values(), *self.B.values())) // self.num_experts
         return 0, int(per_expert * active)
+
+    def expert_adapter(self, expert: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Expert `expert`'s rows of the stacked A and B: a rank-r LoRA per projection, its scale folded into B."""
+        rows = slice(expert * self.r, (expert + 1) * self.r)
+        return {proj: (self.A[proj].detach().float().cpu()[rows],  # (r, in)
+                       self.B[proj].detach().float().cpu()[rows].t() * self.scale)  # (out, r)
+                for proj in self.A}
 
 
 def mlp_weights_shape(mlp: nn.Module, name: str) -> tuple[int, int]:

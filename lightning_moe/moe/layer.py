@@ -4,6 +4,9 @@
     lora:      y = MLP_{W + sum_e g_e B_e A_e}(x)      [+ shared(x)]
     upcycled:  y = sum_e g_e(x) MLP_e(x)               [+ shared(x)]
 
+The block knows an expert form only through its declaration (config/registry.py's ExpertForm: does it replace the
+MLP, what auto dispatch means) and its module's interface (moe/experts.py's Experts): no form is named here.
+
 Token-level routing decides per token. Sequence-level routing decides once per conversation from the mean
 hidden state of its opening prompt (the tokens before the first assistant turn) and applies that decision to
 all of its tokens; turn-level routing decides before each assistant turn from the conversation so far and
@@ -19,7 +22,7 @@ import torch
 from torch import nn
 
 from lightning_moe.config.registry import EXPERTS, resolve
-from lightning_moe.moe.experts import SharedExpert
+from lightning_moe.moe.experts import Experts, SharedExpert
 from lightning_moe.moe.routers import Router, RouterOutput
 # the routing state the blocks read and record into (its own module); importable from here as before
 from lightning_moe.moe.routing import GenerationRouting, RouterRecord, RoutingContext  # noqa: F401
@@ -41,19 +44,20 @@ def rms_normalise(rows: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class MoEBlock(nn.Module):
-    def __init__(self, mlp: nn.Module, router: Router, experts: nn.Module, form: str, layer_idx: int,
+    def __init__(self, mlp: nn.Module, router: Router, experts: Experts, replaces_mlp: bool, layer_idx: int,
                  context: RoutingContext, level: str = "token", dispatch: str = "dense",
                  shared: SharedExpert | None = None, tied: str = "none", input_norm: bool = False):
         super().__init__()
-        self.form, self.level, self.dispatch, self.layer_idx = form, level, dispatch, layer_idx
+        self.level, self.dispatch, self.layer_idx = level, dispatch, layer_idx
         self.input_norm = input_norm  # moe.router_input_norm: the router reads RMS-normalised rows
         # moe.tied_router: the first MoE block decides ("leads") and the later ones apply its decision ("follows"), so
         # one conversation goes to one expert index in every layer; a follower's own router is unused (frozen)
         self.tied = tied
         if tied == "follows":
             router.requires_grad_(False)
-        # upcycled experts replace the MLP: keeping it would leave its LoRA weights without gradients
-        self.mlp = None if form in ("upcycled", "lora") else mlp
+        # a form that replaces the MLP (wraps it, or copies it): keeping it here would call it twice, or leave its
+        # LoRA weights without gradients
+        self.mlp = None if replaces_mlp else mlp
         self.router, self.experts, self.shared = router, experts, shared
         self._context = [context]  # a list so nn.Module does not register or copy it as state
         context.blocks.append(self)
@@ -64,8 +68,8 @@ class MoEBlock(nn.Module):
         return self._context[0]
 
     def base_mlp(self) -> nn.Module | None:
-        """The layer's own MLP, without experts (None for upcycled experts, which replaced it)."""
-        return self.experts.mlp if self.form == "lora" else self.mlp
+        """The layer's own MLP, without experts (None where the experts replaced it by copies: upcycled)."""
+        return self.mlp if self.mlp is not None else self.experts.wrapped_mlp
 
     def _route(self, x: torch.Tensor, flat: torch.Tensor, meta: dict) -> tuple[RouterOutput | None, torch.Tensor, tuple]:
         """(router output or None for a cached decoding step, per-token gates (T, E), the record's rows)."""
@@ -106,10 +110,7 @@ class MoEBlock(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         meta = ctx.metadata(batch, seq, x.device)
         out, gates, rows = self._route(x, flat, meta)
-        if self.form == "lora":
-            y = self.experts(flat, gates)
-        else:
-            y = self.experts(flat, gates, self.router.max_active, self.dispatch).to(flat.dtype)
+        y = self.experts(flat, gates, self.router.max_active, self.dispatch).to(flat.dtype)
         if self.shared is not None:
             y = y + self.shared(flat)
         if ctx.recording and out is not None:
@@ -131,17 +132,19 @@ class MoEBlock(nn.Module):
 def build_block(mlp: nn.Module, router: Router, layer_idx: int, context: RoutingContext, moe,
                 hidden_size: int, tied: str = "none") -> MoEBlock:
     """The MoE block for one layer, from the moe config section; the experts come from the builder that
-    lightning_moe/config/registry.py names for moe.expert."""
-    experts = resolve(EXPERTS[moe.expert])(mlp, hidden_size, moe)
+    lightning_moe/config/registry.py's ExpertForm names for moe.expert."""
+    form = EXPERTS[moe.expert]
+    experts = resolve(form.builder)(mlp, hidden_size, moe)
     shared = None
     if moe.num_shared_experts > 0:
         shared = SharedExpert(hidden_size, moe.num_shared_experts * (moe.shared_expert_dim or moe.expert_dim),
                               moe.shared_expert_gate)
-    dispatch = moe.dispatch if moe.dispatch != "auto" else ("grouped" if moe.expert == "upcycled" else "dense")
+    dispatch = moe.dispatch if moe.dispatch != "auto" else form.dispatch
     device = next(mlp.parameters()).device
-    block = MoEBlock(mlp, router, experts, moe.expert, layer_idx, context, moe.routing_level, dispatch, shared, tied,
-                     input_norm=moe.router_input_norm)
-    for part in (block.router, block.shared, None if moe.expert == "lora" else block.experts):  # lora: made in place
+    block = MoEBlock(mlp, router, experts, form.replaces_mlp, layer_idx, context, moe.routing_level, dispatch, shared,
+                     tied, input_norm=moe.router_input_norm)
+    # experts that wrap the MLP are built on its device: moving them would move the MLP they hold
+    for part in (block.router, block.shared, None if experts.wrapped_mlp is not None else block.experts):
         if part is not None:
             part.to(device)
     return block

@@ -120,8 +120,11 @@ def export_hint(run_dir) -> str:
 
     from lightning_moe.config import validate_config
     from lightning_moe.config.export_forms import export_formats
+    from lightning_moe.config.routers import migrate_saved
 
-    formats = export_formats(validate_config(OmegaConf.load(Path(run_dir) / "config.yaml")))
+    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    migrate_saved(cfg)  # a run from before the per-router sections
+    formats = export_formats(validate_config(cfg))
     if not formats:
         return (f"# export.py: none of merged|peft|per_domain fits this run's experts; generate.py and chat.py load "
                 f"it from {run_dir}/export/ (MOE_TRAINING_GUIDE.md section 11 says which forms export)")

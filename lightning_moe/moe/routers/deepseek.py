@@ -1,9 +1,10 @@
 """DeepSeek-V3 routing: sigmoid affinities s; experts chosen by s + b, where b is a balancing bias outside the
 gradient; optional grouped selection (score each group by the sum of its top-2, keep `topk_group` groups);
 weights are the unbiased s of the chosen experts, renormalised if norm_topk_prob, times routed_scaling_factor.
+Its knobs: moe.deepseek.* (config/routers.py's DeepSeekConfig).
 
-Auxiliary-loss-free balancing (moe.bias_update_rate > 0): `observe` adds each micro-batch's token counts, and once
-per optimizer step `after_optimizer_step` sums them over data-parallel ranks and moves b by
+Auxiliary-loss-free balancing (moe.deepseek.bias_update_rate > 0): `observe` adds each micro-batch's token counts,
+and once per optimizer step `after_optimizer_step` sums them over data-parallel ranks and moves b by
 rate * sign(mean load - load) (mean-centred, as torchtitan), so over-used experts become less likely to be chosen.
 The bias is a buffer (in checkpoints); the counts since the last step are checkpointed through `extra_state`.
 """
@@ -28,8 +29,9 @@ class DeepSeekRouter(Router):
 
     @classmethod
     def from_config(cls, hidden_size, moe):
-        return cls(hidden_size, moe.num_experts, moe.top_k, moe.n_group, moe.topk_group, moe.norm_topk_prob,
-                   moe.routed_scaling_factor, moe.router_init_std, moe.bias_update_rate, moe.bias_update_center)
+        own = moe.deepseek  # config/routers.py's DeepSeekConfig
+        return cls(hidden_size, moe.num_experts, moe.top_k, own.n_group, own.topk_group, own.norm_topk_prob,
+                   own.routed_scaling_factor, moe.router_init_std, own.bias_update_rate, own.bias_update_center)
 
     def forward(self, x, mask, rows_per_seq=None, generating=False):
         logits = self.scores(x)

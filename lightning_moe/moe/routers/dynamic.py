@@ -24,8 +24,9 @@ class DynamicRouter(Router):
 
     @classmethod
     def from_config(cls, hidden_size, moe):
-        return cls(hidden_size, moe.num_experts, moe.dynamic_mode, moe.dynamic_p, moe.dynamic_threshold,
-                   moe.min_experts, moe.max_experts, moe.router_init_std)
+        own = moe.dynamic  # config/routers.py's DynamicConfig
+        return cls(hidden_size, moe.num_experts, own.mode, own.p, own.threshold, own.min_experts, own.max_experts,
+                   moe.router_init_std)
 
     def forward(self, x, mask, rows_per_seq=None, generating=False):
         logits = self.scores(x)

@@ -27,11 +27,11 @@ class ExpertChoiceRouter(Router):
 
     @classmethod
     def from_config(cls, hidden_size, moe):
-        return cls(hidden_size, moe.num_experts, moe.capacity_factor, moe.router_init_std, moe.top_k)
+        return cls(hidden_size, moe.num_experts, moe.expert_choice.capacity_factor, moe.router_init_std, moe.top_k)
 
     @staticmethod
     def nominal_active_experts(moe) -> float:
-        return float(moe.capacity_factor)
+        return float(moe.expert_choice.capacity_factor)
 
     def forward(self, x, mask, rows_per_seq=None, generating=False):
         logits = self.scores(x)

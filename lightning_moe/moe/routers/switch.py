@@ -21,7 +21,7 @@ class SwitchRouter(Router):
 
     @classmethod
     def from_config(cls, hidden_size, moe):
-        return cls(hidden_size, moe.num_experts, moe.capacity_factor, moe.router_init_std)
+        return cls(hidden_size, moe.num_experts, moe.switch.capacity_factor, moe.router_init_std)
 
     @staticmethod
     def nominal_active_experts(moe) -> float:
