@@ -14,6 +14,8 @@ import pytest
 from conftest import REPO, run_script
 
 GET_MODEL = REPO / "scripts" / "get_model.py"
+# one xdist worker for the module: the smollm2_run fixture (a minute of training) is built once, not once a worker
+pytestmark = pytest.mark.xdist_group("smollm2")
 
 
 def _offline_env() -> dict:
