@@ -145,15 +145,18 @@ class ChatDataModule(pl.LightningDataModule):
 
     def _rank_share(self) -> StatefulDistributedSampler | None:
         """Under DDP, this rank's share of each epoch's shuffled conversations, from a sampler whose order is a
-        function of (seed, epoch) and whose position the loader's checkpointed state carries: a resumed run goes on
-        with the next micro-batch on every rank. None with one process, where the loader's own RandomSampler is
-        exact (its saved state holds its generator's).
+        function of (seed, epoch) and whose position the loader's checkpointed state carries (rank 0's, which is
+        every rank's: the shares are padded to one length): a resumed run goes on with the next micro-batch on every
+        rank. None with one process, where the loader's own RandomSampler is exact (its saved state holds its
+        generator's).
 
         Left to Lightning, that RandomSampler (torchdata's, not torch's, so Lightning does not see a shuffle to
         replace) is wrapped in a DistributedSamplerWrapper, which draws a new permutation from the RandomSampler's
         generator at every iteration; no checkpoint carries that generator, so a resumed run read other
-        conversations from its first micro-batch on. The epoch is no state of this sampler: Lightning sets it from
-        the restored epoch count before the first batch is drawn (the sampler draws its order lazily, then)."""
+        conversations from its first micro-batch on. The epoch is not in the saved state: Lightning sets it from the
+        restored epoch count, and this sampler computes its order at the first draw, which comes after that. (A
+        plain DistributedSampler computes it when the loader's iterator is made, which Lightning does on resume
+        before setting the epoch: a run resumed in epoch 1 would read epoch 0's order.)"""
         trainer = self.trainer
         if trainer is None or trainer.world_size == 1:
             return None
