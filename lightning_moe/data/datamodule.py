@@ -11,6 +11,7 @@ from collections import Counter
 import datasets
 import lightning.pytorch as pl
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from lightning_moe.config.schema import DataConfig
 from lightning_moe.data.chat import ChatRenderer
@@ -26,7 +27,7 @@ class ChatDataModule(pl.LightningDataModule):
     """Loads and tokenises once per process (`setup`), then serves stateful loaders.
 
     StatefulDataLoader records its position inside an epoch, and Lightning stores that in checkpoints, so a
-    resumed run continues with the next batch rather than restarting the epoch.
+    resumed run continues with the next batch rather than restarting the epoch (under DDP too: `_rank_share`).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, domains: list[str], routing_level: str = "sequence",
@@ -100,11 +101,12 @@ class ChatDataModule(pl.LightningDataModule):
             train, val = parts["train"], parts["test"]
         return train, val
 
-    def _loader(self, ds, shuffle: bool) -> StatefulDataLoader:
+    def _loader(self, ds, shuffle: bool, sampler=None) -> StatefulDataLoader:
         return StatefulDataLoader(
             ds,
             batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             collate_fn=self.collator,
             num_workers=self.cfg.num_workers,
             pin_memory=self.cfg.pin_memory,
@@ -128,7 +130,7 @@ class ChatDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         if not self.cfg.batch_tokens:
-            return self._loader(self.train_set, shuffle=True)
+            return self._loader(self.train_set, shuffle=True, sampler=self._rank_share())
         sampler = TokenBudgetBatchSampler(None, [len(x) for x in self.train_set["input_ids"]], self.cfg.batch_tokens,
                                           self.collator.row_length if self.cfg.packing else None,
                                           seed=self.cfg.split_seed)
@@ -140,6 +142,26 @@ class ChatDataModule(pl.LightningDataModule):
         return StatefulDataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collator,
                                   num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
                                   persistent_workers=self.cfg.num_workers > 0, worker_init_fn=ignore_sigterm)
+
+    def _rank_share(self) -> StatefulDistributedSampler | None:
+        """Under DDP, this rank's share of each epoch's shuffled conversations, from a sampler whose order is a
+        function of (seed, epoch) and whose position the loader's checkpointed state carries (rank 0's, which is
+        every rank's: the shares are padded to one length): a resumed run goes on with the next micro-batch on every
+        rank. None with one process, where the loader's own RandomSampler is exact (its saved state holds its
+        generator's).
+
+        Left to Lightning, that RandomSampler (torchdata's, not torch's, so Lightning does not see a shuffle to
+        replace) is wrapped in a DistributedSamplerWrapper, which draws a new permutation from the RandomSampler's
+        generator at every iteration; no checkpoint carries that generator, so a resumed run read other
+        conversations from its first micro-batch on. The epoch is not in the saved state: Lightning sets it from the
+        restored epoch count, and this sampler computes its order at the first draw, which comes after that. (A
+        plain DistributedSampler computes it when the loader's iterator is made, which Lightning does on resume
+        before setting the epoch: a run resumed in epoch 1 would read epoch 0's order.)"""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        return StatefulDistributedSampler(self.train_set, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                          shuffle=True, seed=self.cfg.split_seed)
 
     def val_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val_set, shuffle=False)
