@@ -15,6 +15,7 @@ from lightning_moe.models.prechecks import check_fp8
     (["model.base_precision=fp16"], "model.base_precision: 'fp16' is not one of bf16, fp8"),
     (["model.base_precision=fp8"], "model.base_precision: fp8 needs model.dtype=bfloat16, got float32"),
     (["model.base_precision=fp8", "model.dtype=bfloat16", "lora.enabled=false"], "enable lora"),
+    (["model.base_precision=fp8", "model.dtype=bfloat16", "model.compile=all"], "fp8 with model.compile=all fails"),
 ])
 def test_the_fp8_knob_is_validated_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -89,6 +89,10 @@ def _model(sec: Sections) -> None:
         check(lo.enabled, "model.base_precision", "fp8 runs the frozen base under LoRA's wrappers: enable lora")
         check(not m.load_in_4bit, "model.base_precision", "fp8 and model.load_in_4bit=true exclude each other")
         check(m.dtype == "bfloat16", "model.base_precision", f"fp8 needs model.dtype=bfloat16, got {m.dtype}")
+        # measured on an H100 (torch 2.11): dynamo asserts (lift_tracked_freevar_to_input on the root tracer) at the
+        # first compiled layer with the FP8 matmul inside; refused here rather than after the weights load
+        check(m.compile == "none", "model.base_precision", f"fp8 with model.compile={m.compile} fails in dynamo "
+              "(MOE_TRAINING_GUIDE.md section 8, 'One call'): use model.compile=none")
     if m.gradient_checkpointing_layers is not None:
         check(m.gradient_checkpointing, "model.gradient_checkpointing_layers",
               "set, but model.gradient_checkpointing is false")
