@@ -5,6 +5,7 @@ matches the GGUF's logits, stops at the end of a turn and is reused without the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import zipfile
@@ -14,8 +15,6 @@ import pytest
 from conftest import REPO, run_script
 
 GET_MODEL = REPO / "scripts" / "get_model.py"
-# one xdist worker for the module: the smollm2_run fixture (a minute of training) is built once, not once a worker
-pytestmark = pytest.mark.xdist_group("smollm2")
 
 
 def _offline_env() -> dict:
@@ -122,10 +121,22 @@ def _entry(entry: str, *args: str, stdin: str | None = None):
                           capture_output=True, text=True, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def smollm2_run(smollm2, tmp_path_factory):
+@pytest.fixture(scope="session")
+def smollm2_run(smollm2, tmp_path_factory, worker_id):
     """LoRA on SmolLM2 (the recipe, experts off, so the merged export applies): 8 optimizer steps on 6 counsel-chat
-    conversations a domain; 2 others a domain held out. About a minute of training on 2 quiet cores."""
+    conversations a domain; 2 others a domain held out. About a minute of training on 2 quiet cores, once a session:
+    pytest-xdist's workers share it through a file lock, as conftest's trained_run (CI built it once a worker)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base if worker_id == "master" else base.parent) / "smollm2_run"
+    with FileLock(str(root) + ".lock"):
+        if not (root / "run" / "summary.json").is_file():
+            _train_smollm2_run(smollm2, root)
+    return root
+
+
+def _train_smollm2_run(smollm2: Path, root: Path) -> None:
     from conftest import run_script, run_train
 
     from lightning_moe.evaluation.study import smoke_subset
@@ -136,7 +147,6 @@ def smollm2_run(smollm2, tmp_path_factory):
         if not COUNSEL_CHAT_CSV.is_file():  # as every converter test: CI lays ../shared beside the clone
             pytest.skip("../shared/datasets/counsel_chat is not beside the repo")
         assert run_script(REPO / "scripts" / "convert_counsel_chat.py").returncode == 0
-    root = tmp_path_factory.mktemp("smollm2_run")
     smoke_subset(COUNSEL_CHAT, 8, root / "all.jsonl")
     rows = (root / "all.jsonl").read_text().splitlines()
     seen: dict[str, int] = {}
@@ -150,11 +160,11 @@ def smollm2_run(smollm2, tmp_path_factory):
     out = run_train("+recipe=smollm2_therapeutic", "moe=none", f"model.name_or_path={smollm2}",
                     f"data.train_files=[{root / 'train.jsonl'}]", "data.val_fraction=0.1", "data.max_length=192",
                     "data.batch_tokens=1024", "trainer.max_steps=8", "trainer.val_check_interval=8",
-                    "optim.warmup_steps=0", f"hydra.run.dir={root / 'run'}", timeout=1200)
+                    "optim.warmup_steps=0", f"hydra.run.dir={root / 'run'}", "resume=false", timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:]
-    return root
 
 
+@pytest.mark.xdist_group("smollm2_run")  # one worker trains it, the other never waits on it
 @pytest.mark.slow
 def test_a_short_fine_tune_lowers_every_domains_held_out_loss_below_the_base(smollm2_run, tmp_path):
     out = _entry("evaluate.py", f"run={smollm2_run / 'run'}", f"files=[{smollm2_run / 'held_out.jsonl'}]",
@@ -166,6 +176,7 @@ def test_a_short_fine_tune_lowers_every_domains_held_out_loss_below_the_base(smo
         assert block["gain"] > 0, (domain, block)  # trained loss below the base's on conversations it never saw
 
 
+@pytest.mark.xdist_group("smollm2_run")  # one worker trains it, the other never waits on it
 @pytest.mark.slow
 def test_the_merged_export_loads_plainly_and_answers_as_generate_and_chat_do(smollm2_run, tmp_path):
     import torch
@@ -199,7 +210,9 @@ CAPITALS = [("What is the capital of France?", ["Paris", "Berlin", "Madrid"], 0)
             ("What is the capital of Egypt?", ["Nairobi", "Accra", "Cairo"], 2)]
 
 
+@pytest.mark.xdist_group("smollm2_run")  # one worker trains it, the other never waits on it
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs the harness extra: pip install -e '.[harness]'")
 def test_lm_evaluation_harness_scores_the_merged_export_on_a_local_task(smollm2_run, tmp_path):
     """EleutherAI's harness (a client nobody here wrote; the `harness` extra, not in the test install) loads the
     merged export as any Hugging Face model and scores a 4-question multiple-choice task read from a local file."""
@@ -207,7 +220,6 @@ def test_lm_evaluation_harness_scores_the_merged_export_on_a_local_task(smollm2_
     import subprocess
     import sys
 
-    pytest.importorskip("lm_eval")
     assert _entry("export.py", f"run={smollm2_run / 'run'}", "format=merged", f"out={tmp_path / 'merged'}").returncode == 0
     items = tmp_path / "capitals.jsonl"
     items.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in CAPITALS))
