@@ -67,3 +67,22 @@ def test_liger_missing_on_a_gpu_machine_is_named_before_weights():
         pytest.skip("liger-kernel is installed here (a GPU install)")
     with pytest.raises(ConfigError, match="requirements-gpu.txt"):
         check_liger("mistral", "gpu", cuda_available=True)
+
+
+def test_xdist_groups_keep_their_tests_on_one_worker(tmp_path):
+    """`make test` runs `-n 2 --dist loadgroup`, and the fixtures that train once for several tests (lora_run,
+    smollm2_run) count on `xdist_group` sending those tests to one worker. pytest 9.2 broke that without a word
+    (pytest-xdist #1386: the tests spread as if unmarked, each worker training its own copy), which is why
+    requirements.txt caps pytest: this fails if an upgrade of the lock lets it through again."""
+    (tmp_path / "test_grouped.py").write_text(
+        "import os, pytest\n"
+        + "".join(f"@pytest.mark.xdist_group('g')\ndef test_{i}():\n    print('worker', os.environ['PYTEST_XDIST_WORKER'])\n"
+                  for i in range(4))
+        + "".join(f"def test_free_{i}():\n    pass\n" for i in range(4)))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadgroup",
+                          "-v", "-rP", str(tmp_path / "test_grouped.py")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:]
+    workers = {line.split()[0] for line in out.stdout.splitlines() if "PASSED" in line and "::test_" in line
+               and "test_free" not in line}
+    assert len(workers) == 1, out.stdout[-2000:]  # one worker, e.g. {'[gw0]'}
