@@ -19,7 +19,7 @@ PACKAGE = REPO / "lightning_moe"
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt", ".cfg", ".jinja"}
 TEXT_NAMES = {"Makefile", "run"}  # the Makefile and .ci/run
 SKIP_DIRS = {"__pycache__", "runs", "outputs", "multirun", "lightning_logs", "wandb", "generated"}
-NOT_COMMITTED = ("data/generated/", "cache/")  # converted data (licences) and models: written on demand, ignored
+NOT_COMMITTED = ("data/generated/", "cache/", "exports/")  # converted data (licences), models, exports: written on demand, ignored
 # Words that stand for a name the reader picks (CONTRIBUTING's recipes, a script's usage line)
 PLACEHOLDER = re.compile(r"^my[a-z_]*\b|(?<![A-Za-z])(NAME|VARIANT|OUT|FAMILY|SCOPE|DIR|EXPORT_DIR)(?![A-Za-z])")
 PACKAGE_RELATIVE_SUFFIXES = (".py", ".json")  # `moe/layer0/entropy` is a metric, `export/x.safetensors` a run's
