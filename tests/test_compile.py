@@ -101,11 +101,12 @@ def _assert_kernels_routing_restored(model):
     """The side effect that compiled checkpoints do not replay (compilation.allow_restored_side_effects_under_checkpoint):
     transformers >= 5.2x wraps each attention forward in `kernels`' use_kernelized_func, which sets a module-level
     variable and restores it. After compiled and eager steps it must hold what it held before any: nothing."""
-    attention = next(m for m in model.modules() if type(m).__name__ == "MistralAttention")
-    forward = type(attention).forward
-    if not hasattr(forward, "__wrapped__") or "_ACTIVE_KERNEL_FUNCS" not in forward.__globals__:
+    from lightning_moe.models.compilation import kernelized_attention
+
+    if not kernelized_attention(model):
         return  # a transformers without the wrapper: no such side effect
-    active = forward.__globals__["_ACTIVE_KERNEL_FUNCS"]
+    attention = next(m for m in model.modules() if type(m).__name__ == "MistralAttention")
+    active = type(attention).forward.__globals__["_ACTIVE_KERNEL_FUNCS"]
     assert active.get() is None and active.global_var is None
     assert not active.uses_global_var
 

@@ -94,7 +94,6 @@ def stratified_sample(source: Path, n: int, out: Path, seed: int = 0) -> list[st
         items = sorted(items, key=lambda r: r["id"])
         random.Random(f"{seed}-{domain}").shuffle(items)
         picked += items[:min(len(items), max(10, round(n * len(items) / total)))]
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in picked))
     return [r["id"] for r in picked]
 
@@ -110,7 +109,6 @@ def smoke_subset(source: Path, per_domain: int, out: Path) -> None:
         if seen.get(d, 0) < per_domain:
             seen[d] = seen.get(d, 0) + 1
             kept.append(line)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, "\n".join(kept) + "\n")
 
 
@@ -160,7 +158,6 @@ class Runner:
             if not (tmp / "eval.json").is_file():
                 self.command("evaluate.py", [f"run={run}", f"out={tmp}", *args, *self.eval_args],
                              run.parent / f"{run.name}.eval_{name}.log")
-            dest.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(dest, (tmp / "eval.json").read_text())
         return json.loads(dest.read_text())
 
@@ -337,13 +334,11 @@ def run_study(o: StudyOptions, repo: Path, log=print) -> dict:
         if o.esconv_sample:
             es = work / f"esconv_sample{o.esconv_sample}.jsonl"
             ids = stratified_sample(Path(o.esconv), o.esconv_sample, es)
-            (o.out).mkdir(parents=True, exist_ok=True)
             write_text_atomic(o.out / "esconv_sample_ids.json", json.dumps(ids) + "\n")
         elif not es.is_file():
             raise ConfigError(f"--esconv {es}: not found; create it with scripts/convert_esconv.py")
         sets["esconv"] = [f"files=[{es}]"]
     prompts = work / "prompts.jsonl"
-    work.mkdir(parents=True, exist_ok=True)
     write_prompts(prompts)
 
     def measure(row: Row, seed: int) -> dict:
