@@ -3,7 +3,7 @@
 # SFTTrainer as the peer, the recipe at the peer's memory, a compiled run from empty caches, bf16-vs-fp8 loss parity
 # and where FP8's time goes (a profile). Raw JSON into $OUT
 # (at most 8 files come back): results_main.json, loss_parity.json, results_compile.json, env.txt, call.log,
-# failures.log, real_h100_fp8.profile.txt. The table they fill: MOE_TRAINING_GUIDE.md section 8, "one call".
+# failures.log, real_h100_fp8_cached.profile.txt. The table they fill: MOE_TRAINING_GUIDE.md section 8, "one call".
 #
 # Here, once (the wheels the GPU machine lacks, ~6 MB; versions for its torch 2.11 / transformers 5.17):
 #   ../shared/gpu/wheels.sh .whl liger-kernel==0.8.5 torchao==0.17.0 trl==1.16.0 torchdata==0.11.0
@@ -11,7 +11,7 @@
 # data/generated/, ignored) or the converters' inputs in .gpu_data/ (ignored): counsel_chat/20200325_counsel_chat.csv
 # and esconv/{train,valid,test}.json from ../shared/datasets. The call (carry .whl and data/generated or .gpu_data):
 #   bash scripts/gpu_speed_call.sh
-# Sizes, for ~9.5 minutes on an H100 (override by environment): MICRO=10 timed micro-batches a variant, PARITY_STEPS=100
+# Sizes, for ~9.5 minutes on an H100 (override by environment): MICRO=10 timed micro-batches a variant, PARITY_STEPS=200
 # optimizer steps of an 8-layer cut of the 12B per precision, COMPILE_MICRO=6; DEADLINE=575 s.
 set -uo pipefail
 OUT=${OUT:-/tmp/speed_out}
@@ -48,23 +48,24 @@ room() {  # $1: the seconds a step needs; false (and a line saying so) when the 
   (( deadline - SECONDS >= $1 )) && return 0
   echo "left out: $2 (needs ~$1 s, $((deadline - SECONDS)) s left)"; return 1
 }
-# 1. eager bf16 (the recipe as committed), the frozen base in FP8, the TRL peer, and the recipe at the peer's memory
-#    (every layer checkpointed): ~4.5 min. FP8_CACHED=1 adds FP8 with the weights' FP8 copies kept (11.4 GiB more)
-variants=real_h100,real_h100_fp8,trl_sft,real_h100_ckptall${FP8_CACHED:+,real_h100_fp8_cached}
+# 1. eager bf16 (the recipe as committed), the frozen base in FP8 (cast per micro-batch, and _cached: each weight
+#    held in FP8 alone), the TRL peer, and the recipe at the peer's memory (every layer checkpointed): ~5.5 min
+variants=real_h100,real_h100_fp8,real_h100_fp8_cached,trl_sft,real_h100_ckptall
 "${bench[@]}" --out "$work/main" --only "$variants" --micro-batches "$micro" --timeout 150
 collect "$work/main" results_main.json
-# 2. compile=all from empty caches (COMPILE_WARM=1: then again from the caches it left): ~2.5 min (5 with warm)
-room 170 "compile" && "${bench[@]}" --out "$work/compile" \
-  --only "real_h100_compile_cold${COMPILE_WARM:+,real_h100_compile_warm}" --micro-batches "${COMPILE_MICRO:-6}" \
-  --timeout 200 && collect "$work/compile" results_compile.json
-# 3. loss parity, bf16 against fp8, same seed and data: ~1.5 min
-room 100 "loss parity" && "${bench[@]}" --out "$work/parity" --loss-parity --parity-steps "${PARITY_STEPS:-100}" \
-  --parity-layers 8 --timeout 150 && { [ -f "$work/parity/loss_parity.json" ] && cp "$work/parity/loss_parity.json" "$OUT/"
+# 2. loss parity, bf16 against fp8, same seed and data: ~1 min plus ~0.25 s a step
+steps=${PARITY_STEPS:-200}
+room $((60 + steps / 4)) "loss parity" && "${bench[@]}" --out "$work/parity" --loss-parity --parity-steps "$steps" \
+  --parity-layers 8 --timeout 240 && { [ -f "$work/parity/loss_parity.json" ] && cp "$work/parity/loss_parity.json" "$OUT/"
   collect "$work/parity" /dev/null; }
+# 3. compile=all from empty caches (COMPILE_WARM=1: then again from the caches it left): ~2.5 min (5 with warm)
+room 140 "compile" && "${bench[@]}" --out "$work/compile" \
+  --only "real_h100_compile_cold${COMPILE_WARM:+,real_h100_compile_warm}" --micro-batches "${COMPILE_MICRO:-6}" \
+  --timeout $((deadline - SECONDS)) && collect "$work/compile" results_compile.json
 # 4. where FP8's time goes: its kernels by device time over 3 micro-batches (profiled apart: the profiler's own cost
 #    stays out of the timed rows)
-room 60 "fp8 profile" && "${bench[@]}" --out "$work/profile" --only real_h100_fp8 --micro-batches 3 --profile \
-  --timeout $((deadline - SECONDS)) && cp "$work/profile/real_h100_fp8.profile.txt" "$OUT/" 2>/dev/null
+room 60 "fp8 profile" && "${bench[@]}" --out "$work/profile" --only "${PROFILE:-real_h100_fp8_cached}" \
+  --micro-batches 3 --profile --timeout $((deadline - SECONDS)) && cp "$work/profile/"*.profile.txt "$OUT/" 2>/dev/null
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])

@@ -3,6 +3,8 @@ itself through torchao's emulated FP8 matmuls (the GPU run: tests/test_gpu.py)."
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import compose, run_guarded, tiny_hf_config
@@ -55,16 +57,25 @@ def test_only_the_frozen_lora_bases_become_fp8_and_their_weights_get_no_gradient
     pytest.importorskip("torchao.float8")
     from torchao.float8.float8_linear import Float8Linear
 
+    from lightning_moe.checkpointing.contents import trainable_state_keys
     from lightning_moe.models.fp8 import convert_frozen_base_to_fp8
 
     model = _tiny_lora_moe()
+    bf16_bytes = {n: m.weight.nbytes for n, m in model.named_modules() if n.endswith(".base_layer")}
     count = convert_frozen_base_to_fp8(model, cache_weights=True, emulate=True)  # emulated FP8 rounding, on a CPU
     fp8 = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
     assert count == len(fp8) == 4 * 7  # q, k, v, o, gate, up, down of each of the 4 layers
     assert all(n.endswith(".base_layer") for n in fp8)
-    assert all(p.dtype != torch.float8_e4m3fn for p in model.parameters())  # the trainable weights stay as they were
-    assert sum("weight_fp8_data" in n for n, _ in model.named_buffers()) == count
-    assert not any("weight_fp8" in k for k in model.state_dict())  # the cache is never checkpointed
+    # the cache replaces the weight: 1 byte an element in place of the model's dtype, the old tensor gone
+    modules = dict(model.named_modules())
+    assert all(modules[n].weight.dtype == torch.float8_e4m3fn and modules[n].weight.nbytes * 4 == bf16_bytes[n]
+               for n in fp8)  # this tiny model is float32: a quarter (half of bf16's on the GPU)
+    assert sum(n.endswith("base_layer.weight_scale") for n, _ in model.named_buffers()) == count
+    assert all(p.dtype != torch.float8_e4m3fn for p in model.parameters() if p.requires_grad)
+    assert not any(".base_layer." in k for k in trainable_state_keys(model))  # never checkpointed
+    model.to("cpu")  # a move keeps the FP8 weights...
+    with pytest.raises(RuntimeError, match="use trainer.precision=bf16-mixed"):
+        copy.deepcopy(model).to(torch.bfloat16)  # ...a dtype cast would read them without their scales: refused
 
     ids = torch.randint(4, 2048, (2, 48), generator=torch.Generator().manual_seed(1))
     ref = _tiny_lora_moe()

@@ -176,15 +176,17 @@ def test_compiled_layers_with_liger_and_varlen_match_eager_and_stop_recompiling(
     assert counters["graph_break"] == {}, dict(counters["graph_break"])
 
 
-def test_fp8_base_trains_a_step_with_the_frozen_projections_in_float8(tmp_path):
+@pytest.mark.parametrize("cache", [False, True])
+def test_fp8_base_trains_a_step_with_the_frozen_projections_in_float8(tmp_path, cache):
     """model.base_precision=fp8 on a GPU with FP8 (compute capability >= 8.9): the recipe trains, and every frozen
-    projection under LoRA (7 a layer) became torchao's float8 linear."""
+    projection under LoRA (7 a layer) became torchao's float8 linear; with model.fp8_weight_cache=true their
+    weights are held in FP8 alone (the real _scaled_mm reading the stored copy)."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs FP8 tensor cores (compute capability >= 8.9)")
     run_dir = tmp_path / "run"
     out = run_train("+recipe=therapeutic_h100", "model.init=random", "model.arch=tiny-mistral", "moe.layers=[1,3]",
                     "model.gradient_checkpointing_layers=2", "model.tokenizer=bundled", "data=sample",
-                    "data.max_length=256", "logger=csv", "model.base_precision=fp8",
+                    "data.max_length=256", "logger=csv", "model.base_precision=fp8", f"model.fp8_weight_cache={cache}",
                     "trainer.max_steps=2", "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=2",
                     "trainer.limit_val_batches=2", f"hydra.run.dir={run_dir}", timeout=300)
     assert out.returncode == 0, out.stdout[-3000:]

@@ -48,8 +48,8 @@ class ModelConfig:
     # routers and lm_head stay in model.dtype / float32. fp8 needs a GPU of compute capability >= 8.9 (Ada, Hopper),
     # model.dtype=bfloat16 and LoRA; measured: MOE_TRAINING_GUIDE.md section 8
     base_precision: str = "bf16"
-    # with base_precision=fp8: cast each frozen weight to FP8 once and keep the copy (N more bytes: 11.4 GiB for the
-    # 12B) instead of in every forward and backward (false: no memory beyond bf16's)
+    # with base_precision=fp8: cast each frozen weight to FP8 once and keep only that copy (the base's projections in
+    # half their bf16 memory; the model files are not touched) instead of casting it in every forward and backward
     fp8_weight_cache: bool = False
     load_in_4bit: bool = False  # QLoRA: bitsandbytes 4-bit base weights (CUDA only)
     liger_kernel: bool = False  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA

@@ -9,10 +9,14 @@ the tensor cores. Where the library stops, for a frozen weight, two pieces of gl
   it keeps the input alive for it); `FrozenFloat8Linear` runs only the two matmuls a frozen weight needs;
 - its weight is cast to FP8 at every forward and kept until the backward. By default (`model.fp8_weight_cache=
   false`) ours casts it in the forward and again in the backward, keeping only the bf16 weight: no memory beyond
-  bf16's. `model.fp8_weight_cache=true` casts each frozen weight once, at conversion (a non-persistent buffer:
-  never in a checkpoint, moved with the module): no cast per micro-batch, N more bytes (11.4 GiB for the 12B).
-The bf16 weight stays (peft's merge, the experts' upcycling, the FLOP count and evaluation read it). Refused before
-weights on a CPU and on GPUs without FP8 (compute capability < 8.9): models/prechecks.py. Measured: guide section 8.
+  bf16's. `model.fp8_weight_cache=true` casts each frozen weight once, at conversion, and keeps only that copy: the
+  `weight` parameter then holds the e4m3 data (1 byte an element: the base's projections take half their bf16
+  memory) and `weight_scale` its scale; no cast of a weight per micro-batch.
+Everything that reads a bf16 base weight (the experts' upcycling, peft's injection) runs before the conversion;
+a checkpoint keeps only the trainable tensors, and evaluation, chat and export build the base again from the model
+files, so nothing reads a converted weight as bf16 (`FrozenFloat8Linear._apply` refuses a dtype cast of one).
+Refused before weights on a CPU and on GPUs without FP8 (compute capability < 8.9): models/prechecks.py.
+Measured: guide section 8.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ def _frozen_class():
         """torchao's Float8Linear for a frozen weight: two FP8 matmuls, not three; the weight's FP8 copy cached."""
 
         def cache_weight(self) -> None:
+            """Cast the frozen weight to FP8 once and keep only that: `weight` becomes the e4m3 data (same shape),
+            `weight_scale` its tensorwise scale, and the bf16 weight is freed."""
             from torchao.float8.float8_training_tensor import GemmInputRole
 
             from lightning_moe.upstream import torchao_float8_cast
@@ -79,16 +85,27 @@ def _frozen_class():
             with torch.no_grad():
                 w8 = torchao_float8_cast()(self.weight, self.config.cast_config_weight.target_dtype,
                                            self.linear_mm_config, gemm_input_role=GemmInputRole.WEIGHT)
-            self.register_buffer("weight_fp8_data", w8._data, persistent=False)
-            self.register_buffer("weight_fp8_scale", w8._scale, persistent=False)
+            self.weight_dtype = self.weight.dtype  # the dtype the matmuls return, as with the bf16 weight
+            self.weight = torch.nn.Parameter(w8._data, requires_grad=False)
+            self.register_buffer("weight_scale", w8._scale)
 
         def cached_weight(self):
-            if getattr(self, "weight_fp8_data", None) is None:
+            if "weight_scale" not in self._buffers:
                 return None
             from torchao.float8.float8_training_tensor import Float8TrainingTensor, GemmInputRole
 
-            return Float8TrainingTensor(self.weight_fp8_data, self.weight_fp8_scale, self.weight.dtype,
+            return Float8TrainingTensor(self.weight.detach(), self.weight_scale, self.weight_dtype,
                                         self.linear_mm_config, GemmInputRole.WEIGHT)
+
+        def _apply(self, fn, recurse=True):
+            # Module.to(dtype) casts every floating tensor, FP8 included: the e4m3 data read as bf16 without its
+            # scale would be a wrong weight, silently (Lightning's bf16-true does that; bf16-mixed does not)
+            kept = self.weight.dtype
+            out = super()._apply(fn, recurse)
+            if "weight_scale" in self._buffers and self.weight.dtype != kept:
+                raise RuntimeError(f"a frozen FP8 base weight was cast to {self.weight.dtype}: with "
+                                   "model.fp8_weight_cache=true use trainer.precision=bf16-mixed, which casts no module")
+            return out
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if torch.is_autocast_enabled():  # as Float8Linear: the output in autocast's dtype
