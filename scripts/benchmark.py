@@ -293,7 +293,9 @@ def parity_commands(a, out: Path) -> dict[str, list[str]]:
               "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
               # the recipe warms up over 1000 steps: a short warm-up, so the compared curve actually moves
               "optim.warmup_steps=10", "resume=false", *a.override]
-    return {p: common + [f"model.base_precision={p}", f"hydra.run.dir={out / f'parity_{p}'}"] for p in ("bf16", "fp8")}
+    extra = {"bf16": [], "fp8": a.parity_fp8_override}
+    return {p: common + [f"model.base_precision={p}", *extra[p], f"hydra.run.dir={out / f'parity_{p}'}"]
+            for p in ("bf16", "fp8")}
 
 
 def loss_parity(a, out: Path) -> dict:
@@ -425,6 +427,8 @@ def parser() -> argparse.ArgumentParser:
                    help="instead of variants: bf16 against model.base_precision=fp8, OUT/loss_parity.json")
     p.add_argument("--parity-steps", type=int, default=200, help="optimizer steps of each --loss-parity run")
     p.add_argument("--parity-layers", type=int, default=8, help="decoder layers of --arch that --loss-parity keeps")
+    p.add_argument("--parity-fp8-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for --loss-parity's fp8 run only (repeatable), e.g. model.fp8_grad_dtype=e4m3")
     p.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_liger", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_save-random", type=Path, help=argparse.SUPPRESS)

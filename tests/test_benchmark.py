@@ -116,7 +116,8 @@ def test_every_train_variant_composes_validates_and_names_a_local_tokenizer(tmp_
 
     bench = _benchmark()
     # a short --seq: the synthetic variants write their rows here (2048-token rows take seconds each)
-    a = bench.parser().parse_args(["--out", str(tmp_path), "--scratch", str(tmp_path / "scratch"), "--seq", "64"])
+    a = bench.parser().parse_args(["--out", str(tmp_path), "--scratch", str(tmp_path / "scratch"), "--seq", "64",
+                                   "--parity-fp8-override", "model.fp8_grad_dtype=e4m3"])
     names = [f"longest_{a.longest.split(',')[0]}" if n == "longest" else n for n in bench.VARIANTS
              if n not in bench.PLAIN_LOOPS + bench.PEERS]
     assert "qlora" in names and "real_h100_compile" in names
@@ -131,6 +132,7 @@ def test_every_train_variant_composes_validates_and_names_a_local_tokenizer(tmp_
             overrides = [o for o in cmd[2:] if not o.startswith("hydra.")]
             configs[f"parity_{name}"] = compose("train", overrides=[*overrides, f"run_dir={tmp_path / name}"])
     assert configs["parity_fp8"].model.base_precision == "fp8" and configs["parity_fp8"].model.dtype == "bfloat16"
+    assert configs["parity_fp8"].model.fp8_grad_dtype == "e4m3" and configs["parity_bf16"].model.fp8_grad_dtype == "e5m2"
     for name, cfg in configs.items():
         sections = validate_config(cfg)
         if sections.model.tokenizer is not None:  # unset: a random model falls back to the bundled one

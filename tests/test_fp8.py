@@ -18,6 +18,7 @@ from lightning_moe.models.prechecks import check_fp8
     (["model.base_precision=fp8"], "model.base_precision: fp8 needs model.dtype=bfloat16, got float32"),
     (["model.base_precision=fp8", "model.dtype=bfloat16", "lora.enabled=false"], "enable lora"),
     (["model.base_precision=fp8", "model.dtype=bfloat16", "model.compile=all"], "fp8 with model.compile=all fails"),
+    (["model.fp8_grad_dtype=e3m4"], "model.fp8_grad_dtype: 'e3m4' is not one of e5m2, e4m3"),
 ])
 def test_the_fp8_knob_is_validated_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -92,25 +93,26 @@ def test_only_the_frozen_lora_bases_become_fp8_and_their_weights_get_no_gradient
     assert all(m.weight.grad is None for n, m in model.named_modules() if n in fp8)
 
 
-@pytest.mark.parametrize("cache", [True, False])
-def test_the_frozen_fp8_matmul_equals_torchaos_float8_linear_without_the_weight_gradient(cache):
+@pytest.mark.parametrize("cache, grads", [(True, "e5m2"), (False, "e5m2"), (False, "e4m3")])
+def test_the_frozen_fp8_matmul_equals_torchaos_float8_linear_without_the_weight_gradient(cache, grads):
     """Our glue runs torchao's own casts and FP8 matmuls, minus the third (the weight's gradient): the output and
     the input's gradient equal Float8Linear's exactly, with the weight's FP8 copy cached or cast in the forward and
     again in the backward (then only the bf16 weight waits for the backward)."""
     pytest.importorskip("torchao.float8")
-    from torchao.float8 import Float8LinearConfig
     from torchao.float8.float8_linear import Float8Linear
 
-    from lightning_moe.models.fp8 import convert_frozen_base_to_fp8
+    from lightning_moe.models.fp8 import convert_frozen_base_to_fp8, fp8_config
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32, bias=False)
     lin.weight.requires_grad_(False)
     holder = torch.nn.Module()
     holder.base_layer = lin
-    reference = Float8Linear.from_float(torch.nn.Linear(64, 32, bias=False), config=Float8LinearConfig(emulate=True))
+    reference = Float8Linear.from_float(torch.nn.Linear(64, 32, bias=False), config=fp8_config(grads, emulate=True))
     reference.weight = torch.nn.Parameter(lin.weight.detach().clone())
-    assert convert_frozen_base_to_fp8(holder, cache_weights=cache, emulate=True) == 1
+    assert convert_frozen_base_to_fp8(holder, cache_weights=cache, grad_dtype=grads, emulate=True) == 1
+    assert str(holder.base_layer.config.cast_config_grad_output.target_dtype) == f"torch.float8_{grads}" + "fn" * (
+        grads == "e4m3")
     x = torch.randn(3, 5, 64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     g = torch.randn(3, 5, 32)

@@ -51,6 +51,9 @@ class ModelConfig:
     # with base_precision=fp8: cast each frozen weight to FP8 once and keep only that copy (the base's projections in
     # half their bf16 memory; the model files are not touched) instead of casting it in every forward and backward
     fp8_weight_cache: bool = False
+    # with base_precision=fp8: the output gradients' format. e5m2 (torchao's default: range, 2 mantissa bits) |
+    # e4m3 (one more mantissa bit, the forward's format; the tensorwise scale covers the range)
+    fp8_grad_dtype: str = "e5m2"
     load_in_4bit: bool = False  # QLoRA: bitsandbytes 4-bit base weights (CUDA only)
     liger_kernel: bool = False  # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA
     # torch.compile for training, per decoder layer (lightning_moe/models/compilation.py): none | layers (those

@@ -85,6 +85,7 @@ def _model(sec: Sections) -> None:
     one_of(m.bnb_4bit_quant_type, ("nf4", "fp4"), "model.bnb_4bit_quant_type")
     one_of(m.compile, COMPILE_SCOPES, "model.compile")
     one_of(m.base_precision, ("bf16", "fp8"), "model.base_precision")
+    one_of(m.fp8_grad_dtype, ("e5m2", "e4m3"), "model.fp8_grad_dtype")
     if m.base_precision == "fp8":  # models/fp8.py: FP8 matmuls for the frozen projections peft wraps
         check(lo.enabled, "model.base_precision", "fp8 runs the frozen base under LoRA's wrappers: enable lora")
         check(not m.load_in_4bit, "model.base_precision", "fp8 and model.load_in_4bit=true exclude each other")

@@ -96,7 +96,7 @@ def build_model(
         if training and m.base_precision == "fp8":  # after peft and the experts: only LoRA's frozen bases
             from lightning_moe.models.fp8 import convert_frozen_base_to_fp8
 
-            convert_frozen_base_to_fp8(model, cache_weights=m.fp8_weight_cache)
+            convert_frozen_base_to_fp8(model, cache_weights=m.fp8_weight_cache, grad_dtype=m.fp8_grad_dtype)
         if training:  # generation's growing KV cache would recompile at every length: training only
             compile_model(model, m.compile, m.compile_backend, m.compile_mode)
     model.train(training)

@@ -3,8 +3,9 @@
 In LoRA training a base projection does two matmuls per micro-batch: the forward (x W^T) and the input's gradient
 (g W); its weight never changes and gets no gradient. torchao's `convert_to_float8_training` swaps each chosen
 `nn.Linear` (here: peft's `lora.Linear.base_layer`, never an adapter, expert, router or lm_head) for its
-`Float8Linear`: e4m3 inputs and weights, e5m2 output gradients, tensorwise dynamic scales, `torch._scaled_mm` on
-the tensor cores. Where the library stops, for a frozen weight, two pieces of glue:
+`Float8Linear`: e4m3 inputs and weights, e5m2 output gradients (`model.fp8_grad_dtype=e4m3`: e4m3 too),
+tensorwise dynamic scales, `torch._scaled_mm` on the tensor cores. Where the library stops, for a frozen weight,
+two pieces of glue:
 - `Float8Linear`'s backward always computes the weight's gradient (a third matmul, as large as the other two, and
   it keeps the input alive for it); `FrozenFloat8Linear` runs only the two matmuls a frozen weight needs;
 - its weight is cast to FP8 at every forward and kept until the backward. By default (`model.fp8_weight_cache=
@@ -116,13 +117,23 @@ def _frozen_class():
     return FrozenFloat8Linear
 
 
-def convert_frozen_base_to_fp8(model: torch.nn.Module, cache_weights: bool = False, emulate: bool = False) -> int:
+def fp8_config(grad_dtype: str = "e5m2", emulate: bool = False):
+    """torchao's tensorwise float8 recipe, with the output gradients in `grad_dtype` (model.fp8_grad_dtype)."""
+    from torchao.float8 import CastConfig, Float8LinearConfig
+    from torchao.float8.config import e4m3_dtype, e5m2_dtype
+
+    grads = CastConfig(target_dtype={"e5m2": e5m2_dtype, "e4m3": e4m3_dtype}[grad_dtype])
+    return Float8LinearConfig(cast_config_grad_output=grads, emulate=emulate)
+
+
+def convert_frozen_base_to_fp8(model: torch.nn.Module, cache_weights: bool = False, grad_dtype: str = "e5m2",
+                               emulate: bool = False) -> int:
     """Swap every frozen LoRA base linear for an FP8 one, in place; returns how many. `emulate`: torchao's
     high-precision emulation of the FP8 matmuls, which runs on a CPU (tests)."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8 import convert_to_float8_training
 
     frozen = _frozen_class()
-    convert_to_float8_training(model, module_filter_fn=frozen_lora_base, config=Float8LinearConfig(emulate=emulate))
+    convert_to_float8_training(model, module_filter_fn=frozen_lora_base, config=fp8_config(grad_dtype, emulate))
     count = 0
     for mod in model.modules():
         if type(mod).__name__ == "Float8Linear":
