@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig
 from transformers.models.mistral.modeling_mistral import MistralMLP
 
+from lightning_moe.config.expert_forms import UpcycledConfig
 from lightning_moe.config.schema import MoEConfig
 from lightning_moe.moe.layer import RoutingContext, build_block
 from lightning_moe.moe.routers import build_router
@@ -21,8 +22,8 @@ BASE_FLOPS = 47.84e9  # the recipe's model FLOPs per token at S=1024 (benchmarks
 FORMS = [
     ("adapter, expert_dim 256 (therapeutic_h100)", dict(expert="adapter", expert_dim=256)),
     ("lora, r 16 on gate/up/down (therapeutic_lora_experts)", dict(expert="lora", lora_r=16, lora_alpha=32)),
-    ("upcycled, frozen copies + LoRA r 8 (moe=upcycled)", dict(expert="upcycled", upcycle_train="lora", lora_r=8)),
-    ("upcycled, copies trained directly", dict(expert="upcycled", upcycle_train="full")),
+    ("upcycled, frozen copies + LoRA r 8 (moe=upcycled)", dict(expert="upcycled", lora_r=8)),
+    ("upcycled, copies trained directly", dict(expert="upcycled", upcycled=UpcycledConfig(train="full"))),
 ]
 
 

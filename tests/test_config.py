@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_moe.config import ConfigError, validate_config
-from lightning_moe.config.registry import ROUTER_CONFIGS
+from lightning_moe.config.registry import EXPERTS, ROUTER_CONFIGS
 from lightning_moe.config.routers import MOVED, migrate_saved
 from lightning_moe.models.layout import resolve_moe_layers
 
@@ -121,25 +121,38 @@ def test_a_flat_router_key_of_an_old_command_line_is_refused_naming_its_new_key(
         validate_config(compose([f"moe.{old}=2"]))
 
 
-@pytest.mark.parametrize("moe", ["deepseek", "dynamic_threshold", "expert_choice", "switch", "domain_topk"])
+@pytest.mark.parametrize("moe", ["deepseek", "dynamic_threshold", "expert_choice", "switch", "domain_topk", "upcycled"])
 def test_a_run_saved_before_the_router_sections_loads_with_the_same_settings(moe):
-    """A run's config.yaml from before the move has every router's knobs flat in `moe`; migrate_saved (what loading a
-    run applies) gives the same sections the conf group composes to now."""
+    """A run's config.yaml from before the move has every router's and expert form's knobs flat in `moe`;
+    migrate_saved (what loading a run applies) gives the same sections the conf group composes to now."""
     from dataclasses import asdict
 
     now = validate_config(compose([f"moe={moe}"]))
     saved = OmegaConf.create(OmegaConf.to_container(compose([f"moe={moe}"])))
     flat = {"capacity_factor": 1.25, "dynamic_mode": "top_p", "dynamic_p": 0.5, "dynamic_threshold": 0.25,
             "min_experts": 1, "max_experts": None, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
-            "routed_scaling_factor": 1.0, "bias_update_rate": 0.0, "bias_update_center": True}  # the old defaults
-    own = asdict(getattr(now.moe, now.moe.router)) if hasattr(now.moe, now.moe.router) else {}
+            "routed_scaling_factor": 1.0, "bias_update_rate": 0.0, "bias_update_center": True,
+            "upcycle_train": "lora", "upcycle_noise": 0.0}  # the old defaults
+    def own(section: str) -> dict:  # the chosen router's or form's section, as composed now
+        return asdict(getattr(now.moe, section)) if hasattr(now.moe, section) else {}
+
     for old, new in MOVED.items():
         section, key = new[0].split(".")
-        saved.moe[old] = own.get(key, flat[old]) if section == now.moe.router or old == "capacity_factor" else flat[old]
-    for name in ROUTER_CONFIGS:
+        if old == "capacity_factor":  # one flat key for two routers: the chosen one's value
+            section = now.moe.router
+        saved.moe[old] = own(section).get(key, flat[old]) if section in (now.moe.router, now.moe.expert) else flat[old]
+    for name in [*ROUTER_CONFIGS, *EXPERTS]:
         saved.moe.pop(name, None)
     migrate_saved(saved)
     assert validate_config(saved).moe == now.moe
+    assert moe != "upcycled" or now.moe.upcycled.noise == 0.01  # the group's own value, carried over
+
+
+def test_a_knob_of_an_expert_form_not_chosen_is_refused_naming_it():
+    with pytest.raises(ConfigError, match=r"moe\.upcycled\.noise: set to 0\.1, but moe\.expert=adapter"):
+        validate_config(compose(["moe.upcycled.noise=0.1"]))
+    with pytest.raises(ConfigError, match=r"moe\.upcycled\.train: 'half' is not one of lora, full"):
+        validate_config(compose(["moe.expert=upcycled", "moe.upcycled.train=half"]))
 
 
 def test_domain_check_is_off_when_domain_supervision_is():
@@ -222,3 +235,20 @@ def test_every_moe_config_composes_with_the_12b_recipe(moe):
     assert s.model.name_or_path == "LatitudeGames/Wayfarer-2-12B"
     if s.moe.enabled:
         assert resolve_moe_layers(s.moe, 40)
+
+
+def test_a_resume_that_changes_an_expert_forms_shaping_knob_is_refused_and_one_that_does_not_is_not():
+    """SHAPE_KEYS reach into a form's own section ("upcycled.train": full copies or LoRA on frozen ones shape
+    different tensors); its noise only draws the start, so a resume may change it."""
+    from dataclasses import asdict
+
+    from lightning_moe.checkpointing.fingerprint import section_differences
+
+    sections = validate_config(compose(["moe=upcycled"]))
+    saved = {"moe": asdict(sections.moe), "lora": asdict(sections.lora)}
+    saved["moe"]["upcycled"] = {"train": "full", "noise": 0.5}
+    assert section_differences(saved, sections, 4) == ["moe.upcycled.train: full in the checkpoint, lora now"]
+    saved["moe"]["upcycled"]["train"] = "lora"
+    assert section_differences(saved, sections, 4) == []
+    old = {k: v for k, v in saved["moe"].items() if k != "upcycled"} | {"upcycle_train": "lora"}  # before the move
+    assert section_differences({"moe": old, "lora": saved["lora"]}, sections, 4) == []

@@ -9,6 +9,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter, load
 from transformers.models.switch_transformers.modeling_switch_transformers import router_z_loss_func
 
 from lightning_moe.config import registry
+from lightning_moe.config.expert_forms import UpcycledConfig
 from lightning_moe.config.schema import MoEConfig
 from lightning_moe.models.inject import inject_moe
 from lightning_moe.models.layout import decoder_layers, spread_layers
@@ -158,7 +159,7 @@ def test_each_expert_form_in_each_family_starts_as_identity_and_trains(arch, for
         before = model(ids).logits
     ctx = RoutingContext()
     targets = ["gate_up_proj", "down_proj"] if arch == "tiny-phi3" else ["gate_proj", "up_proj", "down_proj"]
-    blocks = _inject(model, [1, 3], ctx, expert=form, lora_targets=targets, upcycle_train="full")
+    blocks = _inject(model, [1, 3], ctx, expert=form, lora_targets=targets, upcycled=UpcycledConfig(train="full"))
     layers = decoder_layers(model, model.config.num_hidden_layers)
     assert [isinstance(layers[i].mlp, MoEBlock) for i in range(4)] == [False, True, False, True]
     ctx.start()

@@ -25,7 +25,7 @@ _NOT_ARCHITECTURE = {"transformers_version", "_name_or_path", "dtype", "torch_dt
 SHAPE_KEYS = {
     "lora": ("enabled", "r", "target_modules", "bias"),
     "moe": ("enabled", "num_experts", "router", "expert", "expert_dim", "lora_r",
-            "lora_targets", "upcycle_train", "num_shared_experts", "shared_expert_dim", "shared_expert_gate"),
+            "lora_targets", "upcycled.train", "num_shared_experts", "shared_expert_dim", "shared_expert_gate"),
 }
 
 
@@ -68,6 +68,17 @@ def check_base_model(saved: dict | None, where: Path, model_cfg, config, seed: i
             "run directory (hydra.run.dir=...)")
 
 
+_ABSENT = object()
+
+
+def _dotted(record: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(record, dict) or part not in record:
+            return _ABSENT
+        record = record[part]
+    return record
+
+
 def section_differences(saved: dict, sections: Sections, num_hidden_layers: int) -> list[str]:
     """'lora.r: 16 in the checkpoint, 8 now' for every shape-defining key that differs (MoE layers compared as
     resolved indices, so `moe.layers=[..]` and the same layers spread by `moe.num_layers` agree)."""
@@ -80,9 +91,10 @@ def section_differences(saved: dict, sections: Sections, num_hidden_layers: int)
         ours, theirs = asdict(getattr(sections, name)), saved.get(name) or {}
         if not ours["enabled"] and not theirs.get("enabled", ours["enabled"]):
             continue
-        for key in keys:
-            if key in theirs and theirs[key] != ours[key]:
-                diffs.append(f"{name}.{key}: {theirs[key]} in the checkpoint, {ours[key]} now")
+        for key in keys:  # "upcycled.train": a key of a plug-in's own section
+            a, b = _dotted(theirs, key), _dotted(ours, key)
+            if a is not _ABSENT and a != b:
+                diffs.append(f"{name}.{key}: {a} in the checkpoint, {b} now")
     return diffs
 
 

@@ -2,7 +2,8 @@
 
 Strings, not classes, for everything that imports torch, so that validating a config imports none. Adding a router is
 a file in lightning_moe/moe/routers/, one line in ROUTERS and, if it has knobs, its torch-free config class in
-ROUTER_CONFIGS (config/routers.py); adding an expert form is its own file and one ExpertForm in EXPERTS.
+ROUTER_CONFIGS (config/routers.py); adding an expert form is its own file and one ExpertForm in EXPERTS (with,
+if it has knobs, its torch-free config class: config/expert_forms.py).
 CONTRIBUTING.md walks through both.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from lightning_moe.config.expert_forms import ExpertFormConfig, UpcycledConfig
 from lightning_moe.config.routers import (
     DeepSeekConfig,
     DynamicConfig,
@@ -46,19 +48,27 @@ class ExpertForm:
     replaces_mlp: bool  # the block does not call the layer's MLP beside the experts (they wrap it or copy it)
     dispatch: str = "dense"  # what moe.dispatch=auto means for it
     exports: tuple[str, ...] = ()  # export formats a run of it can produce (rules of each: config/export_forms.py)
+    # its own knobs and checks, moe.<form>.<knob> (config/expert_forms.py); the base class: none
+    config: type[ExpertFormConfig] = ExpertFormConfig
 
 
 EXPERTS = {
     "adapter": ExpertForm("lightning_moe.moe.experts:adapter_experts", replaces_mlp=False),
     # a per_domain export turns expert e's LoRA into a standard adapter (Experts.expert_adapter)
     "lora": ExpertForm("lightning_moe.moe.experts:lora_experts", replaces_mlp=True, exports=("per_domain",)),
-    "upcycled": ExpertForm("lightning_moe.moe.experts:upcycled_experts", replaces_mlp=True, dispatch="grouped"),
+    "upcycled": ExpertForm("lightning_moe.moe.experts:upcycled_experts", replaces_mlp=True, dispatch="grouped",
+                           config=UpcycledConfig),
 }
 
 
 def router_config(moe) -> RouterConfig:
     """The chosen router's own config: its section of `moe`, or its class's defaults where it has no knobs."""
     return getattr(moe, moe.router, None) or ROUTER_CONFIGS.get(moe.router, RouterConfig)()
+
+
+def expert_config(moe) -> ExpertFormConfig:
+    """The chosen expert form's own config: its section of `moe`, or its class's defaults where it has no knobs."""
+    return getattr(moe, moe.expert, None) or EXPERTS[moe.expert].config()
 
 
 def resolve(spec: str):

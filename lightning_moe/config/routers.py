@@ -105,6 +105,8 @@ MOVED = {
     "min_experts": ("dynamic.min_experts",), "max_experts": ("dynamic.max_experts",),
     **{k: (f"deepseek.{k}",) for k in ("n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
                                        "bias_update_rate", "bias_update_center")},
+    # and the expert forms' (config/expert_forms.py)
+    "upcycle_train": ("upcycled.train",), "upcycle_noise": ("upcycled.noise",),
 }
 
 
@@ -120,13 +122,13 @@ def refuse_moved(moe: dict) -> None:
 def migrate_saved(cfg) -> None:
     """A run's config.yaml written before the per-router sections: the flat keys of its router moved into that
     router's section, in place (it is the run's record, not a command line: nothing for anyone to correct). The
-    other routers' flat keys did nothing in that run and go."""
+    other routers' flat keys did nothing in that run and go; so with the expert forms' keys."""
     moe = cfg.get("moe")
     for old, new in MOVED.items():
         value = moe.pop(old) if moe is not None and old in moe else None
         for path in new:
             section, key = path.split(".")
-            if value is not None and section == moe.get("router", "topk"):
+            if value is not None and section in (moe.get("router", "topk"), moe.get("expert", "adapter")):
                 if moe.get(section) is None:
                     moe[section] = {}
                 moe[section][key] = value

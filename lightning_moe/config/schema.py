@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from lightning_moe.config.errors import ConfigError, RunFailure  # noqa: F401  (raised everywhere as schema's)
-from lightning_moe.config.registry import ROUTER_CONFIGS
+from lightning_moe.config.registry import EXPERTS, ROUTER_CONFIGS
 from lightning_moe.config.routers import MOVED
 
 
@@ -139,14 +139,14 @@ class MoEShared:
     # step whatever the model's scale (MOE_TRAINING_GUIDE.md section 5). Off for the random-weight tiny models.
     router_input_norm: bool = False
     # experts
-    expert: str = "adapter"  # adapter | lora | upcycled (config/registry.py's EXPERTS)
+    # adapter | lora | upcycled (config/registry.py's EXPERTS); a form's own knobs are in its section,
+    # moe.<form>.<knob> (config/expert_forms.py: moe.upcycled.train, moe.upcycled.noise)
+    expert: str = "adapter"
     expert_dim: int = 64  # adapter bottleneck width; an expert has ~3 * hidden * expert_dim parameters
     lora_r: int = 8  # lora experts / upcycled-through-LoRA: rank per expert
     lora_alpha: float = 16.0
     # the MLP projections LoRA experts adapt; Phi-3 fuses gate and up: [gate_up_proj, down_proj]
     lora_targets: List[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
-    upcycle_train: str = "lora"  # upcycled copies: lora (frozen copies + per-expert LoRA) | full
-    upcycle_noise: float = 0.0  # Gaussian noise on the copies, as a fraction of each weight's std
     num_shared_experts: int = 0  # always-on experts beside the routed ones
     shared_expert_dim: Optional[int] = None  # null: expert_dim
     shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert
@@ -161,12 +161,13 @@ class MoEShared:
     entropy_coef: float = 0.0  # routing-entropy penalty (dynamic routing)
 
 
-# MoEShared plus moe.<router> for every router registered with a config class that has knobs (config/registry.py's
-# ROUTER_CONFIGS): a plug-in router's section appears without an edit here
-MoEConfig = make_dataclass("MoEConfig", [(name, cls, field(default_factory=cls)) for name, cls in ROUTER_CONFIGS.items()
+# MoEShared plus moe.<router> for every router and moe.<form> for every expert form registered with a config class
+# that has knobs (config/registry.py's ROUTER_CONFIGS and EXPERTS): a plug-in's section appears without an edit here
+_SECTIONS = {**ROUTER_CONFIGS, **{name: form.config for name, form in EXPERTS.items()}}
+MoEConfig = make_dataclass("MoEConfig", [(name, cls, field(default_factory=cls)) for name, cls in _SECTIONS.items()
                                          if fields(cls)], bases=(MoEShared,))
-# Hydra's schema of `moe`: MoEConfig plus the flat keys that moved into a router's section, null unless set, so an
-# old command line composes and validation names the new key (config/routers.py) instead of "not in struct"
+# Hydra's schema of `moe`: MoEConfig plus the flat keys that moved into a router's or a form's section, null unless
+# set, so an old command line composes and validation names the new key (config/routers.py) instead of "not in struct"
 MoESchema = make_dataclass("MoESchema", [(old, Any, None) for old in MOVED], bases=(MoEConfig,))
 MoEConfig.__module__ = MoESchema.__module__ = __name__
 

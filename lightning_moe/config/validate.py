@@ -14,7 +14,7 @@ from dataclasses import fields
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_moe.config.registry import EXPERTS, ROUTER_CONFIGS, ROUTERS, router_config
+from lightning_moe.config.registry import EXPERTS, ROUTER_CONFIGS, ROUTERS, expert_config, router_config
 from lightning_moe.config.routers import MOVED, refuse_moved
 from lightning_moe.config.schema import (
     DISPATCH,
@@ -60,16 +60,22 @@ def one_of(value, allowed, key: str) -> None:
 
 
 # ---- routers: each checks its own section (config/routers.py); what is left is the rule for the others ------------
-def _routers(moe: MoEConfig, sec: Sections) -> None:
+def _sections(moe: MoEConfig, sec: Sections) -> None:
+    """The chosen router's and expert form's own checks; a knob of one not chosen does nothing: say so."""
     router_config(moe).check(moe, sec)
-    for name, cls in ROUTER_CONFIGS.items():
+    expert_config(moe).check(moe, sec)
+    plugins = [("router", name, cls) for name, cls in ROUTER_CONFIGS.items()]
+    plugins += [("expert", name, form.config) for name, form in EXPERTS.items()]
+    for kind, name, cls in plugins:
         section = getattr(moe, name, None)
-        if name == moe.router or section is None:
+        if name == getattr(moe, kind) or section is None:
             continue
-        for f in fields(section):  # a knob of a router not chosen does nothing: say so instead of ignoring it
+        for f in fields(section):
             if getattr(section, f.name) != getattr(cls(), f.name):
-                raise ConfigError(f"moe.{name}.{f.name}: set to {getattr(section, f.name)}, but moe.router="
-                                  f"{moe.router}; moe.{name}.* configure the {name} router only (moe.router={name})")
+                what = "router" if kind == "router" else "expert form"
+                raise ConfigError(f"moe.{name}.{f.name}: set to {getattr(section, f.name)}, but moe.{kind}="
+                                  f"{getattr(moe, kind)}; moe.{name}.* configure the {name} {what} only "
+                                  f"(moe.{kind}={name})")
 
 
 # ---- sections ----------------------------------------------------------------------------------------------
@@ -143,18 +149,16 @@ def _moe(sec: Sections) -> None:
         check(moe.expert_dim >= 1, "moe.expert_dim", f"must be >= 1, got {moe.expert_dim}")
         check(moe.layers is None or len(moe.layers) > 0, "moe.layers", "empty list: give indices or null")
         check(moe.layers is not None or moe.num_layers >= 1, "moe.num_layers", "must be >= 1")
-        for key in ("aux_loss_coef", "z_loss_coef", "domain_loss_coef", "loramoe_coef", "entropy_coef",
-                    "upcycle_noise"):
+        for key in ("aux_loss_coef", "z_loss_coef", "domain_loss_coef", "loramoe_coef", "entropy_coef"):
             check(getattr(moe, key) >= 0, f"moe.{key}", "must be >= 0 (0 turns the term off)")
         one_of(moe.routing_level, ("token", "sequence", "turn"), "moe.routing_level")
         one_of(moe.pooling, ("mean", "last_turn"), "moe.pooling")
         check(not moe.tied_router or moe.routing_level != "token", "moe.tied_router",
               "a tied decision is one per conversation or turn: needs moe.routing_level=sequence or turn")
         one_of(moe.dispatch, DISPATCH, "moe.dispatch")
-        one_of(moe.upcycle_train, ("lora", "full"), "moe.upcycle_train")
         check(moe.lora_r >= 1, "moe.lora_r", "must be >= 1")
         check(bool(moe.lora_targets) or moe.expert != "lora", "moe.lora_targets", "empty: name MLP projections")
-        _routers(moe, sec)
+        _sections(moe, sec)
         if moe.domain_loss_coef > 0:
             check(
                 len(sec.domains) == moe.num_experts,

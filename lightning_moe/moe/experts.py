@@ -240,5 +240,5 @@ def lora_experts(mlp: nn.Module, hidden_size: int, moe) -> nn.Module:
 
 
 def upcycled_experts(mlp: nn.Module, hidden_size: int, moe) -> nn.Module:
-    return SwiGLUExperts.from_mlp(mlp, moe.num_experts, moe.upcycle_noise, moe.upcycle_train, moe.lora_r,
-                                  moe.lora_alpha)
+    own = moe.upcycled  # config/expert_forms.py's UpcycledConfig
+    return SwiGLUExperts.from_mlp(mlp, moe.num_experts, own.noise, own.train, moe.lora_r, moe.lora_alpha)
