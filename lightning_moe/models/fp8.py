@@ -74,7 +74,8 @@ def _frozen_class():
     from torchao.float8.float8_linear import Float8Linear
 
     class FrozenFloat8Linear(Float8Linear):
-        """torchao's Float8Linear for a frozen weight: two FP8 matmuls, not three; the weight's FP8 copy cached."""
+        """torchao's Float8Linear for a frozen weight: two FP8 matmuls, not three; the weight held in FP8 alone
+        once `cache_weight` ran (model.fp8_weight_cache)."""
 
         def cache_weight(self) -> None:
             """Cast the frozen weight to FP8 once and keep only that: `weight` becomes the e4m3 data (same shape),
