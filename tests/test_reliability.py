@@ -48,6 +48,7 @@ def uninterrupted(tmp_path_factory):
     "validation=1",     # during the first validation
 ])
 @pytest.mark.slow
+@pytest.mark.xdist_group("uninterrupted")  # one worker trains the module fixture for all three
 def test_sigterm_anywhere_then_resume_matches_an_uninterrupted_run(uninterrupted, tmp_path, where):
     run_dir = tmp_path / "run"
     fault = f"+callbacks.fault={{_target_: faults.SigtermAt, marker: {tmp_path}/fired, {where.replace('=', ': ')}}}"
