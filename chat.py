@@ -4,6 +4,7 @@
     echo "I can't sleep before exams" | python chat.py run=runs/a
 """
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -19,6 +20,9 @@ set_project_root(Path(__file__).parent)
 @hydra.main(config_path="conf", config_name="chat", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     def _chat():
+        from lightning_moe.generation.terminal import check_open
+
+        check_open(sys.stdin)  # before torch and the weights load: a closed input is refused at once
         from lightning_moe.checkpointing.load import plan_load
         from lightning_moe.generation.chat import chat
 

@@ -168,6 +168,7 @@ def test_the_same_command_on_a_finished_run_leaves_it_byte_identical_and_a_longe
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished_run")  # one worker trains finished_run (a module fixture is built once per worker)
 def test_a_moved_run_continues_into_its_own_last_checkpoint(finished_run, tmp_path):
     """README: "checkpoints/ last.ckpt" and `checkpoint=last` (After training) mean the run's newest checkpoint:
     after `mv R R2`, continuing in R2 writes R2's last.ckpt, not a last-v1.ckpt beside an older last.ckpt."""
@@ -182,6 +183,7 @@ def test_a_moved_run_continues_into_its_own_last_checkpoint(finished_run, tmp_pa
     assert s["best_checkpoint"].startswith(str(run / "checkpoints"))
 
 
+@pytest.mark.xdist_group("finished_run")
 def test_a_run_whose_checkpoints_were_deleted_is_refused_unless_started_over(finished_run, tmp_path):
     """README: "A rerun that cannot continue a run ... is refused before anything of it changes": without its
     checkpoints a run cannot be continued, and retraining from step 0 would rewrite its summary, config and export
@@ -196,6 +198,7 @@ def test_a_run_whose_checkpoints_were_deleted_is_refused_unless_started_over(fin
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished_run")
 def test_resume_false_starts_over_with_the_earlier_record_set_aside(finished_run, tmp_path):
     """MOE_TRAINING_GUIDE.md: "`resume=false` starts over in the same directory": the earlier run's files are moved
     to replaced/<time>/, so its record is kept whole and the new run's metrics.csv holds one history, not two."""
@@ -213,6 +216,7 @@ def test_resume_false_starts_over_with_the_earlier_record_set_aside(finished_run
     assert sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
 
 
+@pytest.mark.xdist_group("finished_run")
 def test_continuing_a_random_base_with_another_seed_is_refused(finished_run, tmp_path):
     """README: "A rerun that cannot continue a run (another base model, other LoRA or MoE shapes) is refused
     before anything of it changes": a model.init=random base is its architecture and the seed that drew it."""

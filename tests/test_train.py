@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import COUNSEL_CHAT_CSV, FAST, REPO, read_summary, run_train, tiny_model
+from conftest import COUNSEL_CHAT_CSV, FAST, REPO, clean_env, read_summary, run_train, tiny_model
 
 SUMMARY_KEYS = {"stop_reason", "global_step", "train_loss", "val_loss", "last_checkpoint", "elapsed_s", "tokens_per_s", "expert_load"}
 
@@ -109,9 +109,13 @@ def test_wandb_is_offline_without_a_key_and_packing_trains(tmp_path):
 
 @pytest.mark.slow
 def test_time_budget_stops_with_a_checkpoint_of_the_final_step(tmp_path):
+    # tests/faults.py's FakeClock (each micro-batch 1 s of the budget, as CONTRIBUTING.md says budgets are tested):
+    # the budget's rules decide when it stops, in a few tiny steps rather than 8 real seconds of training
     run_dir = tmp_path / "run"
+    clock = "+callbacks.clock={_target_: faults.FakeClock, step_seconds: 1.0}"
     out = run_train(f"hydra.run.dir={run_dir}", "trainer.max_time=00:00:00:08", "trainer.max_steps=100000",
-                    "callbacks.model_checkpoint.every_n_train_steps=1000", "logger=tensorboard", "data.max_length=128")
+                    "callbacks.model_checkpoint.every_n_train_steps=1000", "logger=tensorboard", "data.max_length=128",
+                    clock, env=clean_env(PYTHONPATH=str(REPO / "tests")))
     assert out.returncode == 0, out.stdout[-3000:]
     s = read_summary(run_dir)
     assert s["stop_reason"] == "time_budget" and 0 < s["global_step"] < 100000

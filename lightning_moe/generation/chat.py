@@ -23,7 +23,7 @@ from lightning_moe.data.formats import BadRow, jsonl_records
 from lightning_moe.generation.batch import sampling_of, with_system
 from lightning_moe.generation.generate import Generator, Reply
 from lightning_moe.generation.prompts import PromptError, check_messages
-from lightning_moe.generation.terminal import ChatInput, Skipped
+from lightning_moe.generation.terminal import ChatInput, Skipped, check_open
 
 HELP = """commands:
   /help            this list
@@ -154,9 +154,7 @@ class Session:
 
 def chat(plan: LoadPlan, cfg: DictConfig, stdin=None, stdout=None) -> int:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    if stdin is None or stdin.closed:
-        raise ConfigError("stdin: chat.py reads the conversation from its input, which is closed; run it in a "
-                          "terminal or pipe text into it (echo \"...\" | python chat.py run=...)")
+    check_open(stdin)
     source = ChatInput(stdin, stdout)
     session = Session(Generator(load_trained(plan, cfg.device)), cfg, cfg.system_prompt or
                       plan.sections.data.system_prompt, stdout)

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import sys
 
+from lightning_moe.config.schema import ConfigError
+
 BLOCK = '"""'
+
+
+def check_open(stdin) -> None:
+    """A closed input (`chat.py 0<&-`) is refused in one line. Torch-free, so chat.py checks it before it loads
+    the model (or even imports torch): a closed stdin is known at start-up, no reason to wait for the weights."""
+    if stdin is None or stdin.closed:
+        raise ConfigError("stdin: chat.py reads the conversation from its input, which is closed; run it in a "
+                          "terminal or pipe text into it (echo \"...\" | python chat.py run=...)")
 
 
 class Skipped(str):
