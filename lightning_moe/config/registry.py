@@ -61,6 +61,12 @@ EXPERTS = {
 }
 
 
+# every plug-in's own section of `moe`, by name: (what chooses it, its config class). The schema gives each class with
+# knobs a section (config/schema.py); validation checks the chosen ones and refuses a knob set on one not chosen
+SECTIONS: dict[str, tuple[str, type]] = {**{name: ("router", cls) for name, cls in ROUTER_CONFIGS.items()},
+                                         **{name: ("expert", form.config) for name, form in EXPERTS.items()}}
+
+
 def router_config(moe) -> RouterConfig:
     """The chosen router's own config: its section of `moe`, or its class's defaults where it has no knobs."""
     return getattr(moe, moe.router, None) or ROUTER_CONFIGS.get(moe.router, RouterConfig)()

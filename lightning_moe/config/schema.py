@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from lightning_moe.config.errors import ConfigError, RunFailure  # noqa: F401  (raised everywhere as schema's)
-from lightning_moe.config.registry import EXPERTS, ROUTER_CONFIGS
+from lightning_moe.config.registry import SECTIONS
 from lightning_moe.config.routers import MOVED
 
 
@@ -162,9 +162,8 @@ class MoEShared:
 
 
 # MoEShared plus moe.<router> for every router and moe.<form> for every expert form registered with a config class
-# that has knobs (config/registry.py's ROUTER_CONFIGS and EXPERTS): a plug-in's section appears without an edit here
-_SECTIONS = {**ROUTER_CONFIGS, **{name: form.config for name, form in EXPERTS.items()}}
-MoEConfig = make_dataclass("MoEConfig", [(name, cls, field(default_factory=cls)) for name, cls in _SECTIONS.items()
+# that has knobs (config/registry.py's SECTIONS): a plug-in's section appears without an edit here
+MoEConfig = make_dataclass("MoEConfig", [(name, cls, field(default_factory=cls)) for name, (_, cls) in SECTIONS.items()
                                          if fields(cls)], bases=(MoEShared,))
 # Hydra's schema of `moe`: MoEConfig plus the flat keys that moved into a router's or a form's section, null unless
 # set, so an old command line composes and validation names the new key (config/routers.py) instead of "not in struct"

@@ -14,7 +14,7 @@ from dataclasses import fields
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_moe.config.registry import EXPERTS, ROUTER_CONFIGS, ROUTERS, expert_config, router_config
+from lightning_moe.config.registry import EXPERTS, ROUTERS, SECTIONS, expert_config, router_config
 from lightning_moe.config.routers import MOVED, refuse_moved
 from lightning_moe.config.schema import (
     DISPATCH,
@@ -59,14 +59,12 @@ def one_of(value, allowed, key: str) -> None:
     check(value in allowed, key, f"'{value}' is not one of {', '.join(allowed)}")
 
 
-# ---- routers: each checks its own section (config/routers.py); what is left is the rule for the others ------------
+# ---- plug-in sections: each router and expert form checks its own (config/routers.py, config/expert_forms.py) ----
 def _sections(moe: MoEConfig, sec: Sections) -> None:
     """The chosen router's and expert form's own checks; a knob of one not chosen does nothing: say so."""
     router_config(moe).check(moe, sec)
     expert_config(moe).check(moe, sec)
-    plugins = [("router", name, cls) for name, cls in ROUTER_CONFIGS.items()]
-    plugins += [("expert", name, form.config) for name, form in EXPERTS.items()]
-    for kind, name, cls in plugins:
+    for name, (kind, cls) in SECTIONS.items():
         section = getattr(moe, name, None)
         if name == getattr(moe, kind) or section is None:
             continue
