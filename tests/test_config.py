@@ -183,30 +183,33 @@ def test_bad_override_fails_fast_from_the_command_line(tmp_path):
     assert not (Path(tmp_path) / "run" / "checkpoints").exists()
 
 
-# Imports every module of lightning_moe.config with torch and transformers made unimportable: config/ must not
-# reach the model stack, not even through a module that validation never happens to import.
+# Imports every module of a package with torch and transformers made unimportable: config/ must not reach the
+# model stack, not even through a module that validation never happens to import; nor may the dataset converters,
+# which read CSV/JSON (scripts/convert_*.py start in a fraction of a second instead of paying torch's import).
 _BLOCKED_IMPORT = """
 import importlib, pkgutil, sys
 
 class Blocked:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("torch", "transformers"):
-            raise ImportError(f"lightning_moe.config imported {name}")
+            raise ImportError(f"{PACKAGE} imported {name}")
 
+PACKAGE = sys.argv[1]
 sys.meta_path.insert(0, Blocked())
-import lightning_moe.config as config
-names = [m.name for m in pkgutil.walk_packages(config.__path__, "lightning_moe.config.")]
+package = importlib.import_module(PACKAGE)
+names = [m.name for m in pkgutil.walk_packages(package.__path__, PACKAGE + ".")]
 for name in names:
     importlib.import_module(name)
 print(len(names))
 """
 
 
-def test_every_config_module_imports_without_torch_or_transformers():
-    out = subprocess.run([sys.executable, "-c", _BLOCKED_IMPORT], cwd=REPO, env=clean_env(), capture_output=True,
-                         text=True, timeout=120)
+@pytest.mark.parametrize("package", ["lightning_moe.config", "lightning_moe.data.converters"])
+def test_every_module_of_a_torch_free_package_imports_without_torch_or_transformers(package):
+    out = subprocess.run([sys.executable, "-c", _BLOCKED_IMPORT, package], cwd=REPO, env=clean_env(),
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout) == len(list((REPO / "lightning_moe" / "config").glob("[!_]*.py")))
+    assert int(out.stdout) == len(list(REPO.joinpath(*package.split(".")).glob("[!_]*.py")))
 
 
 def test_trainer_callbacks_and_loggers_instantiate(tmp_path):
