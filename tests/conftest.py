@@ -1,4 +1,4 @@
-"""Shared helpers: real Hydra composition, tiny real HF models, and `train.py` subprocesses."""
+"""Shared helpers: real Hydra composition, tiny real HF models, and the entry points run as commands."""
 
 from __future__ import annotations
 
@@ -85,17 +85,20 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
+def run_entry(entry: str | Path, *args: str, cwd: Path = REPO, env: dict | None = None, stdin: str | None = None,
+              timeout: float = 300, merge: bool = False) -> subprocess.CompletedProcess:
+    """`python ENTRY ARG...` (train.py, evaluate.py, ...) as a user runs it: stdout and stderr apart, or merged.
+    Forked from tests/command_server.py, which has the third-party stack imported already (forked.py says when
+    it falls back to a real interpreter; LMOE_TEST_SUBPROCESS=1 always does)."""
+    from forked import run_command
+
+    return run_command([sys.executable, str(REPO / entry), *map(str, args)], cwd=cwd, env=env or clean_env(),
+                       timeout=timeout, stdin=stdin, merge=merge, server_env=clean_env())
+
+
 def run_train(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict | None = None):
     """Run train.py as a user would; returns the CompletedProcess (stdout and stderr merged)."""
-    return subprocess.run(
-        train_cmd(*args),
-        cwd=cwd,
-        env=env or clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
+    return run_entry("train.py", *args, cwd=cwd, env=env, timeout=timeout, merge=True)
 
 
 def run_guarded(*args: str, entry: str = "train.py", cwd: Path = REPO, env: dict | None = None, timeout: float = 300):

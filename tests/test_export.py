@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAST, REPO, clean_env, free_port, run_guarded, run_train
+from conftest import FAST, REPO, clean_env, free_port, run_entry, run_guarded, run_train
 
 from lightning_moe.checkpointing.load import load_trained, plan_load
 from lightning_moe.config.schema import ConfigError, LoRAConfig, MoEConfig
@@ -31,8 +31,7 @@ QUESTIONS = ["hi", "hello", "I feel sad", "help me", "good morning", "I am tired
 
 
 def export(*args: str):
-    return subprocess.run([sys.executable, str(REPO / "export.py"), *args], cwd=REPO, env=clean_env(),
-                          capture_output=True, text=True, timeout=300)
+    return run_entry("export.py", *args)
 
 
 @pytest.fixture(scope="module")

@@ -112,13 +112,9 @@ COUNSEL_CHAT = REPO / "data" / "generated" / "counsel_chat.jsonl"
 
 
 def _entry(entry: str, *args: str, stdin: str | None = None):
-    import subprocess
-    import sys
+    from conftest import run_entry
 
-    from conftest import clean_env
-
-    return subprocess.run([sys.executable, str(REPO / entry), *args], cwd=REPO, env=clean_env(), input=stdin,
-                          capture_output=True, text=True, timeout=900)
+    return run_entry(entry, *args, stdin=stdin, timeout=900)
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,10 @@ runs them, and their refusals of bad input before any weights load."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, SHARED, clean_env, read_summary, run_guarded
+from conftest import REPO, SHARED, clean_env, read_summary, run_entry, run_guarded
 
 from lightning_moe.checkpointing.io import load_checkpoint_file
 from lightning_moe.checkpointing.load import load_trained, plan_load
@@ -19,11 +17,6 @@ from lightning_moe.training.module import MoELoRAModule
 
 CROWS = SHARED / "datasets" / "crows_pairs" / "crows_pairs_anonymized.csv"
 STEREOSET = SHARED / "datasets" / "stereoset" / "intrasentence_stereo_set.csv"
-
-
-def run_entry(entry: str, *args: str, stdin: str | None = None, timeout: float = 300):
-    return subprocess.run([sys.executable, str(REPO / entry), *args], cwd=REPO, env=clean_env(), input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
