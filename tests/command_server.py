@@ -79,8 +79,8 @@ def _redirect(request: dict) -> None:
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
     sys.stdin = sys.__stdin__ = _stream(0, sys.__stdin__, False, unbuffered)
     sys.stdout = sys.__stdout__ = _stream(1, sys.__stdout__, True, unbuffered)
-    # stderr is line-buffered in every interpreter since Python 3.9
-    sys.stderr = sys.__stderr__ = _stream(2, sys.__stderr__, True, unbuffered, line_buffering=True)
+    # stderr is line-buffered since Python 3.9 unless it is unbuffered
+    sys.stderr = sys.__stderr__ = _stream(2, sys.__stderr__, True, unbuffered, line_buffering=not unbuffered)
 
 
 def _child(request: dict, base_path: list[str]) -> None:

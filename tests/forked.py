@@ -26,11 +26,12 @@ from pathlib import Path
 SERVER = Path(__file__).resolve().parent / "command_server.py"
 
 # Read only after start-up: by the project's code (imported fresh in every child), by code the server does not
-# import (wandb), when torch's compiler first writes its caches, or by pytest itself. Anything else that differs
-# from the server's environment gets a real interpreter.
+# import (wandb: tests/test_forked_commands.py checks), by huggingface_hub when a token is asked for (HF_TOKEN),
+# when torch's compiler first writes its caches, or by pytest itself. Anything else that differs from the
+# server's environment gets a real interpreter.
 FORKABLE_ENV = {"MASTER_PORT", "MASTER_ADDR", "NODE_RANK", "PYTHONPATH", "PYTHONUNBUFFERED", "WANDB_MODE",
-                "WANDB_API_KEY", "LIGHTNING_MOE_ROOT", "TERM", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
-                "PYTEST_CURRENT_TEST"}
+                "WANDB_API_KEY", "HF_TOKEN", "LIGHTNING_MOE_ROOT", "TERM", "TORCHINDUCTOR_CACHE_DIR",
+                "TRITON_CACHE_DIR", "PYTEST_CURRENT_TEST"}
 
 
 class CommandServer:

@@ -48,6 +48,11 @@ def test_a_second_run_on_the_same_directory_is_refused_while_the_first_holds_it(
         second = run_train(f"hydra.run.dir={run}", "trainer.max_steps=4", timeout=120)
         assert second.returncode == 2 and "is in use by another run" in second.stdout
         assert f"pid {first.pid}" in second.stdout  # it says who holds it
+        # the first run takes its lock before it trains: the SIGTERM below is meant for a run that is training
+        # (config.yaml is written when its first step starts), not for one still loading its model
+        while not (run / "config.yaml").is_file():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=120)
