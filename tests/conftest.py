@@ -101,12 +101,19 @@ def run_train(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict | No
     return run_entry("train.py", *args, cwd=cwd, env=env, timeout=timeout, merge=True)
 
 
-def run_guarded(*args: str, entry: str = "train.py", cwd: Path = REPO, env: dict | None = None, timeout: float = 300):
-    """Run an entry point under tests/guarded.py: (CompletedProcess, report). The report says whether torch was
-    imported and whether any model weights were built before the process exited (structural, not timed)."""
+def run_guarded(*args: str, entry: str = "train.py", cwd: Path = REPO, env: dict | None = None, timeout: float = 300,
+                fresh: bool = False):
+    """Run an entry point under tests/guarded.py: (CompletedProcess, report). The report says whether weights were
+    built before the process exited and, with `fresh` (a real interpreter: a forked command has torch from the
+    command server), whether torch was imported (structural, not timed). stdout and stderr apart."""
     report = Path(tempfile.mkdtemp()) / "report.json"
-    out = subprocess.run([sys.executable, str(REPO / "tests" / "guarded.py"), str(report), str(REPO / entry), *args],
-                         cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    argv = [sys.executable, str(REPO / "tests" / "guarded.py"), str(report), str(REPO / entry), *args]
+    if fresh:
+        out = subprocess.run(argv, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    else:
+        from forked import run_command
+
+        out = run_command(argv, cwd=cwd, env=env or clean_env(), timeout=timeout, server_env=clean_env())
     return out, json.loads(report.read_text())
 
 

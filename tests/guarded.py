@@ -2,7 +2,8 @@
 
     python tests/guarded.py REPORT.json train.py ARG...
 
-REPORT.json gets {"torch_imported": bool, "weights_built": bool, "exit_code": int}. "weights_built" turns true
+REPORT.json gets {"torch_imported": bool, "weights_built": bool, "exit_code": int} (torch_imported left out when
+forked from tests/command_server.py, below). "weights_built" turns true
 when transformers finishes building a model with any parameter off the meta device (a shape-only model on the
 meta device, as the pre-weight checks build, does not count). The tests use it to prove that a bad config
 fails before any weights exist, and that config-only checks fail before torch is even imported: what the code
@@ -51,12 +52,25 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
+# Forked from tests/command_server.py, this process has torch and transformers from the server: whether the
+# command imported torch cannot be told (the report leaves torch_imported out, so a test that asks fails rather
+# than passes; conftest.run_guarded(fresh=True) runs a real interpreter), and transformers' model code is watched
+# where it already is.
+PRELOADED = "torch" in sys.modules
+
+
 def _write() -> None:
-    state["torch_imported"] = "torch" in sys.modules
+    if PRELOADED:
+        del state["torch_imported"]
+    else:
+        state["torch_imported"] = "torch" in sys.modules
     Path(report_path).write_text(json.dumps(state))
 
 
-sys.meta_path.insert(0, _Finder())
+if "transformers.modeling_utils" in sys.modules:
+    _watch(sys.modules["transformers.modeling_utils"].PreTrainedModel)
+else:
+    sys.meta_path.insert(0, _Finder())
 atexit.register(_write)
 sys.argv = [entry, *args]
 sys.path.insert(0, str(Path(entry).resolve().parent))

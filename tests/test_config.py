@@ -176,7 +176,7 @@ def test_more_checkpointed_layers_than_the_model_has_is_named_before_weights():
 
 def test_bad_override_fails_fast_from_the_command_line(tmp_path):
     """A config-only mistake fails before torch is even imported (tests/guarded.py records it): fast on any machine."""
-    out, report = run_guarded("moe.top_k=9", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    out, report = run_guarded("moe.top_k=9", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, fresh=True)
     assert out.returncode == 2 and report["exit_code"] == 2
     assert "moe.top_k: 9 must be between 1 and moe.num_experts=4" in out.stderr
     assert not report["torch_imported"] and not report["weights_built"]

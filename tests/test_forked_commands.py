@@ -91,3 +91,17 @@ def test_a_forked_training_run_equals_one_in_a_fresh_interpreter(tmp_path):
     files = {name: sorted(str(p.relative_to(tmp_path / name)) for p in (tmp_path / name).rglob("*")
                           if "events.out" not in p.name) for name in runs}
     assert files["forked"] == files["fresh"]
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_the_guard_sees_weights_built_in_a_fork_as_in_a_fresh_interpreter(tmp_path, fresh):
+    """tests/guarded.py watches transformers' model code: in a fork it is already imported (the server's), so the
+    guard patches it in place; a command that builds weights must be reported either way, or every 'refused before
+    any weights' test would pass without looking. Only a fresh interpreter can say whether torch was imported."""
+    from conftest import run_guarded
+
+    out, report = run_guarded("trainer.max_steps=1", "trainer.limit_val_batches=0", "data.max_length=64",
+                              "data.batch_size=2", f"hydra.run.dir={tmp_path / 'run'}", fresh=fresh)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert report["weights_built"] and report["exit_code"] == 0
+    assert report.get("torch_imported") is (True if fresh else None)

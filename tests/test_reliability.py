@@ -229,7 +229,7 @@ def test_bad_config_on_the_12b_recipe_fails_before_any_weights(tmp_path, overrid
     """On the 12B architecture with random init, building the model would take minutes and 24 GB. tests/guarded.py
     records that no weights were built, and that config-only mistakes failed before torch was imported."""
     out, report = run_guarded("+recipe=therapeutic_h100", "model.init=random", *override.split(),
-                              f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+                              f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, fresh=True)
     assert out.returncode == 2 and key in out.stderr, out.stderr[-2000:]
     assert not report["weights_built"]
     assert report["torch_imported"] == (stage == "architecture")
