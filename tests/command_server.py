@@ -2,10 +2,10 @@
 
     python tests/command_server.py          (started by conftest.run_command, one per pytest process)
 
-A train.py run of the tests' size is three quarters imports: torch, transformers (which scans its models folder on
-every start), Lightning, peft (which imports bitsandbytes and with it torch's compiler) and datasets take 6-8 s of
-a 10-12 s run on 2 cores, and the suite starts over 90 such processes. This server imports that stack once, then
-runs each requested command in a fork of itself, as the interpreter would run it:
+A train.py run of the tests' size is mostly imports: torch, transformers (which scans its models folder on every
+start), Lightning, peft (which imports bitsandbytes and with it torch's compiler) and datasets (CONTRIBUTING.md,
+"Tests", has the measurement), and the suite starts over 90 such processes. This server imports that stack once,
+then runs each requested command in a fork of itself, as the interpreter would run it:
 
 - the child takes the request's environment, working directory, argv, stdin and output files (stdio rebuilt on
   them, buffered as PYTHONUNBUFFERED says), and sys.path as Python builds it (the script's folder, then
@@ -65,13 +65,10 @@ def _stream(fd: int, template, writable: bool, unbuffered: bool, line_buffering:
 
 
 def _redirect(request: dict) -> None:
-    def open_fd(path, flags):
-        return os.open(path, flags, 0o644)
-
-    inputs = open_fd(request["stdin"] or os.devnull, os.O_RDONLY)
-    out = open_fd(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    err = out if request["stderr"] == request["stdout"] else open_fd(request["stderr"],
-                                                                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    write = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    inputs = os.open(request["stdin"] or os.devnull, os.O_RDONLY)
+    out = os.open(request["stdout"], write, 0o644)
+    err = out if request["stderr"] == request["stdout"] else os.open(request["stderr"], write, 0o644)
     for fd, target in ((inputs, 0), (out, 1), (err, 2)):
         os.dup2(fd, target)
     for fd in {inputs, out, err}:

@@ -86,14 +86,14 @@ def clean_env(**extra: str) -> dict:
 
 
 def run_entry(entry: str | Path, *args: str, cwd: Path = REPO, env: dict | None = None, stdin: str | None = None,
-              timeout: float = 300, merge: bool = False) -> subprocess.CompletedProcess:
+              timeout: float = 300, merge: bool = False, fresh: bool = False) -> subprocess.CompletedProcess:
     """`python ENTRY ARG...` (train.py, evaluate.py, ...) as a user runs it: stdout and stderr apart, or merged.
     Forked from tests/command_server.py, which has the third-party stack imported already (forked.py says when
-    it falls back to a real interpreter; LMOE_TEST_SUBPROCESS=1 always does)."""
+    it falls back to a real interpreter; `fresh` and LMOE_TEST_SUBPROCESS=1 always do)."""
     from forked import run_command
 
     return run_command([sys.executable, str(REPO / entry), *map(str, args)], cwd=cwd, env=env or clean_env(),
-                       timeout=timeout, stdin=stdin, merge=merge, server_env=clean_env())
+                       timeout=timeout, stdin=stdin, merge=merge, server_env=clean_env(), fresh=fresh)
 
 
 def run_train(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict | None = None):
@@ -107,13 +107,7 @@ def run_guarded(*args: str, entry: str = "train.py", cwd: Path = REPO, env: dict
     built before the process exited and, with `fresh` (a real interpreter: a forked command has torch from the
     command server), whether torch was imported (structural, not timed). stdout and stderr apart."""
     report = Path(tempfile.mkdtemp()) / "report.json"
-    argv = [sys.executable, str(REPO / "tests" / "guarded.py"), str(report), str(REPO / entry), *args]
-    if fresh:
-        out = subprocess.run(argv, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
-    else:
-        from forked import run_command
-
-        out = run_command(argv, cwd=cwd, env=env or clean_env(), timeout=timeout, server_env=clean_env())
+    out = run_entry("tests/guarded.py", report, REPO / entry, *args, cwd=cwd, env=env, timeout=timeout, fresh=fresh)
     return out, json.loads(report.read_text())
 
 

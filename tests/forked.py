@@ -107,10 +107,11 @@ def _get_server(env: dict, cwd: Path) -> CommandServer:
 
 
 def run_command(argv: list[str], *, cwd: Path, env: dict, timeout: float, stdin: str | None = None,
-                merge: bool = False, server_env: dict) -> subprocess.CompletedProcess:
-    """`argv` as subprocess.run would run it (stderr into stdout when `merge`), forked when faithful. `server_env`:
-    the environment the server imports in (the tests' clean_env); started on the first call, once per process."""
-    if os.environ.get("LMOE_TEST_SUBPROCESS") != "1":
+                merge: bool = False, server_env: dict, fresh: bool = False) -> subprocess.CompletedProcess:
+    """`argv` as subprocess.run would run it (stderr into stdout when `merge`), forked when faithful and not
+    `fresh`. `server_env`: the environment the server imports in (the tests' clean_env); started on the first
+    call, once per process."""
+    if not fresh and os.environ.get("LMOE_TEST_SUBPROCESS") != "1":
         server = _get_server(server_env, cwd)
         if server.forkable(argv, env):
             return server.run(argv, cwd, env, timeout, stdin, merge)
